@@ -1,0 +1,365 @@
+"""Direct compression, iterated DC, the LC algorithm, and fine-tuning with the compression fixed.
+
+LC (Carreira-Perpiñán 2017) solves min_w L(w) s.t. w = Δ(θ) by the augmented Lagrangian:
+
+    θ ← Π(w_ref)                                         DC start (μ → 0)
+    for k = 0 … steps−1, μ = μ₀·aᵏ:
+        L step  w ← argmin L(w) + μ/2‖w − Δ(θ) − λ/μ‖²   SGD, learning rate ≤ lr_clip/μ
+        C step  θ ← argmin ‖w − λ/μ − Δ(θ)‖²              the scheme's exact projection
+        λ ← λ − μ(w − Δ(θ))                              (kept at 0 for the quadratic penalty)
+        stop when ‖w − Δ(θ)‖² / ‖w‖² < tol
+    return the feasible model, weights Δ(θ)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import ConfigError
+from .recipe import Group, Recipe
+from .schemes.base import Theta
+from .train import Guard, LossFn, MetricFn, accuracy, cross_entropy, evaluate, train_epochs
+
+log = logging.getLogger("lccompress")
+
+METHODS = ("dc", "idc", "lc", "finetune")
+
+
+@dataclass(frozen=True)
+class LCConfig:
+    """Schedule and optimizer of the LC family of methods.
+
+    μₖ = mu0·mu_growthᵏ; L step k trains `first_epochs` (k = 0) or `epochs` epochs of SGD at
+    learning rate lr·lr_decayᵏ, clipped to lr_clip/μₖ for the compressed weights.
+    """
+
+    steps: int = 40
+    epochs: int = 5
+    first_epochs: int | None = 10
+    mu0: float = 1e-3
+    mu_growth: float = 1.15
+    penalty: str = "al"
+    tol: float = 1e-7
+    lr: float = 0.05
+    lr_decay: float = 0.98
+    lr_clip: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        def pos(name: str, integer: bool = False, zero: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
+            if isinstance(v, bool) or not ok or v < 0 or (v == 0 and not zero):
+                raise ConfigError(f"{name}={v!r} must be a {'whole' if integer else ''} number "
+                                  f"{'≥ 0' if zero else '> 0'}".replace("  ", " "))
+        pos("steps", True), pos("epochs", True, True), pos("mu0"), pos("mu_growth"), pos("lr")
+        pos("lr_decay"), pos("lr_clip"), pos("tol", zero=True), pos("weight_decay", zero=True)
+        pos("momentum", zero=True)
+        if self.first_epochs is not None:
+            pos("first_epochs", True, True)
+        if self.penalty not in ("al", "qp"):
+            raise ConfigError(f"penalty={self.penalty!r} must be 'al' (augmented Lagrangian) or 'qp' (quadratic penalty)")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)")
+
+    def mu(self, k: int) -> float:
+        return self.mu0 * self.mu_growth ** k
+
+    def epochs_at(self, k: int) -> int:
+        return self.first_epochs if k == 0 and self.first_epochs is not None else self.epochs
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(self.epochs_at(k) for k in range(self.steps))
+
+
+@dataclass
+class StepRecord:
+    """One LC / iDC step: μ, mean task loss of the L step's last epoch, relative feasibility
+    gap ‖w − Δ(θ)‖²/‖w‖², the metric of the feasible model Δ(θ) (None without eval data)."""
+
+    step: int
+    mu: float
+    lr: float
+    loss: float
+    gap: float
+    metric: float | None
+    seconds: float
+
+
+@dataclass
+class Result:
+    """The feasible compressed model (weights = Δ(θ)), θ per group, and the run's history."""
+
+    model: nn.Module
+    thetas: dict[str, Theta]
+    groups: list[Group]
+    method: str
+    history: list[StepRecord] = field(default_factory=list)
+    metric: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def bits(self) -> int:
+        """Bits of θ over all groups (the compressed parameters only)."""
+        return sum(g.bits(self.thetas[g.name]) for g in self.groups)
+
+    def dense_bits(self) -> int:
+        """Bits of the compressed parameters stored dense."""
+        params = dict(self.model.named_parameters())
+        return sum(params[p].numel() * params[p].element_size() * 8 for g in self.groups for p in g.params)
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio of the compressed parameters, dense bits / θ bits."""
+        return self.dense_bits() / max(1, self.bits())
+
+
+@dataclass
+class LStepContext:
+    """What a user L-step function is told: the step, μ, the learning-rate cap and the data."""
+
+    step: int
+    mu: float
+    lr: float
+    epochs: int
+    device: torch.device
+    data: Mapping[str, Any]
+    guard: Guard
+
+
+#: A user L step: lstep(model, penalty, ctx) trains `model` in place on its task loss + penalty(),
+#: where penalty() is μ/2‖w − Δ(θ) − λ/μ‖² as a differentiable scalar; returns the task loss or None.
+LStep = Callable[[nn.Module, Callable[[], Tensor], LStepContext], Any]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} asked for but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} must be auto, cpu, cuda or cuda:N") from None
+
+
+def _data(data: Any) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if isinstance(data, Mapping):
+        unknown = set(data) - {"train", "eval"}
+        if unknown:
+            raise ConfigError(f"data has keys {sorted(unknown)}; allowed: train, eval")
+        return {k: v for k, v in data.items() if v is not None}
+    return {"train": data}
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe,
+    data: Any = None,
+    *,
+    method: str = "lc",
+    config: LCConfig = LCConfig(),
+    loss: LossFn | None = None,
+    metric: MetricFn | None = None,
+    lstep: LStep | None = None,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    callback: Callable[[StepRecord], None] | None = None,
+) -> Result:
+    """Compress a trained model by `method` ("dc", "idc", "lc" or "finetune"); the input model is not changed.
+
+    `data` is a training DataLoader or {"train": ..., "eval": ...}; "dc" needs none. Each batch is
+    (inputs, targets). `loss(output, target)` defaults to cross-entropy and `metric(outputs,
+    targets)` (over the whole eval set) to accuracy. `lstep` replaces the default L step.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"recipe={recipe!r} is not a Recipe")
+    data = _data(data)
+    if method != "dc" and "train" not in data and lstep is None:
+        raise ConfigError(f"method {method!r} trains, so it needs training data (or an lstep function)")
+    dev = resolve_device(device)
+    run = _Run(copy.deepcopy(model).to(dev), recipe, data, config, loss or cross_entropy,
+               metric or accuracy, lstep, dev, callback)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return getattr(run, method)()
+
+
+class _Run:
+    """State of one compression run; one public method per algorithm."""
+
+    def __init__(self, model, recipe, data, config, loss, metric, lstep, device, callback) -> None:
+        self.model, self.data, self.cfg, self.loss, self.metric = model, data, config, loss, metric
+        self.lstep, self.device, self.callback = lstep, device, callback
+        self.groups = recipe.groups(model)
+        self.params = dict(model.named_parameters())
+        names = {p for g in self.groups for p in g.params}
+        self.compressed = [self.params[n] for g in self.groups for n in g.params]
+        self.dense = [p for n, p in self.params.items() if n not in names and p.requires_grad]
+        self.guard = Guard()
+        self.t = {"lstep": 0.0, "cstep": 0.0, "eval": 0.0}
+        self.t0 = time.perf_counter()
+        self.history: list[StepRecord] = []
+
+    # -- pieces ------------------------------------------------------------------------------
+    def cstep(self, shifted: Mapping[str, Tensor], thetas: Mapping[str, Theta] | None, mu: float) -> dict[str, Theta]:
+        t = time.perf_counter()
+        out = {g.name: g.compress(shifted, thetas.get(g.name) if thetas else None, mu) for g in self.groups}
+        self.t["cstep"] += time.perf_counter() - t
+        return out
+
+    def deltas(self, thetas: Mapping[str, Theta]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for g in self.groups:
+            out.update(g.decompress(thetas[g.name]))
+        return out
+
+    def weights(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    def evaluate(self, thetas: Mapping[str, Theta] | None) -> float | None:
+        """Metric of the model with weights Δ(θ) (or as it is, without θ) on the eval data."""
+        if "eval" not in self.data:
+            return None
+        t = time.perf_counter()
+        over = self.deltas(thetas) if thetas else {}
+        was = self.model.training
+        self.model.eval()
+        value, _, _ = evaluate(lambda x: functional_call(self.model, over, (x,)), self.data["eval"],
+                               self.device, self.metric)
+        self.model.train(was)
+        self.t["eval"] += time.perf_counter() - t
+        return value
+
+    def gap(self, thetas: Mapping[str, Theta]) -> float:
+        d = self.deltas(thetas)
+        num = sum(float(((self.params[n].detach() - d[n]) ** 2).sum()) for n in d)
+        den = sum(float((self.params[n].detach() ** 2).sum()) for n in d)
+        return num / max(den, 1e-30)
+
+    def train(self, step: int, mu: float | None, targets: Mapping[str, Tensor] | None) -> tuple[float, float]:
+        """One L step (or plain training when mu is None); returns (task loss, lr used)."""
+        cfg = self.cfg
+        lr = cfg.lr * cfg.lr_decay ** step
+        lr_c = min(lr, cfg.lr_clip / mu) if mu else lr
+        epochs = cfg.epochs_at(step)
+
+        def penalty() -> Tensor:
+            if not targets:
+                return torch.zeros((), device=self.device)
+            return mu / 2 * sum(((self.params[n] - t) ** 2).sum() for n, t in targets.items())
+
+        t = time.perf_counter()
+        self.model.train()
+        if self.lstep is not None:
+            ctx = LStepContext(step, mu or 0.0, lr_c, epochs, self.device, self.data, self.guard)
+            value = self.lstep(self.model, penalty, ctx)
+            task = float(value) if value is not None else float("nan")
+        else:
+            task = train_epochs(self.model, self.data["train"], [(self.compressed, lr_c), (self.dense, lr)],
+                                epochs=epochs, loss_fn=self.loss, device=self.device,
+                                extra=penalty if targets else None, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                guard=self.guard, where=f"L step {step}")
+        self.t["lstep"] += time.perf_counter() - t
+        return task, lr_c
+
+    def record(self, **kw: Any) -> None:
+        rec = StepRecord(seconds=time.perf_counter() - self.t0, **kw)
+        self.history.append(rec)
+        log.info("step %d  mu %.3g  loss %.4g  gap %.3g  metric %s", rec.step, rec.mu, rec.loss, rec.gap, rec.metric)
+        if self.callback:
+            self.callback(rec)
+
+    def finish(self, thetas: dict[str, Theta], method: str) -> Result:
+        with torch.no_grad():
+            for n, t in self.deltas(thetas).items():
+                self.params[n].copy_(t)
+        metric = self.evaluate(None)
+        self.t["total"] = time.perf_counter() - self.t0
+        return Result(self.model, thetas, self.groups, method, self.history, metric, dict(self.t))
+
+    # -- methods -----------------------------------------------------------------------------
+    def dc(self) -> Result:
+        """Direct compression: θ = Π(w_ref)."""
+        return self.finish(self.cstep(self.weights(), None, self.cfg.mu0), "dc")
+
+    def lc(self) -> Result:
+        cfg = self.cfg
+        thetas = self.cstep(self.weights(), None, cfg.mu0)
+        lam = {n: torch.zeros_like(self.params[n]) for g in self.groups for n in g.params}
+        for k in range(cfg.steps):
+            mu = cfg.mu(k)
+            d = self.deltas(thetas)
+            targets = {n: d[n] + lam[n] / mu for n in d}
+            task, lr = self.train(k, mu, targets)
+            w = self.weights()
+            thetas = self.cstep({n: w[n] - lam[n] / mu if n in lam else w[n] for n in w}, thetas, mu)
+            d = self.deltas(thetas)
+            if cfg.penalty == "al":
+                for n in lam:
+                    lam[n] -= mu * (w[n] - d[n])
+            gap = self.gap(thetas)
+            self.record(step=k, mu=mu, lr=lr, loss=task, gap=gap, metric=self.evaluate(thetas))
+            if gap < cfg.tol:
+                break
+        return self.finish(thetas, "lc")
+
+    def idc(self) -> Result:
+        """Iterated DC: from Δ(θ), train without constraint, compress again; repeat."""
+        cfg = self.cfg
+        thetas = self.cstep(self.weights(), None, cfg.mu0)
+        for k in range(cfg.steps):
+            with torch.no_grad():
+                for n, t in self.deltas(thetas).items():
+                    self.params[n].copy_(t)
+            task, lr = self.train(k, None, None)
+            thetas = self.cstep(self.weights(), thetas, cfg.mu(k))
+            self.record(step=k, mu=cfg.mu(k), lr=lr, loss=task, gap=self.gap(thetas), metric=self.evaluate(thetas))
+        return self.finish(thetas, "idc")
+
+    def finetune(self) -> Result:
+        """DC, then train θ's free parts (kept values, codebook entries, factors) and the dense
+        parameters for as many epochs as LC would, cosine learning rate; masks, codes, ranks fixed."""
+        cfg = self.cfg
+        thetas = self.cstep(self.weights(), None, cfg.mu0)
+        free: list[Tensor] = []
+        for g in self.groups:
+            th = thetas[g.name]
+            for key in g.scheme.trainable(th):
+                th[key] = th[key].detach().clone().requires_grad_(True)
+                free.append(th[key])
+        total = cfg.total_epochs
+
+        def forward(x: Any) -> Tensor:
+            return functional_call(self.model, self.deltas(thetas), (x,))
+
+        t = time.perf_counter()
+        self.model.train()
+        task = train_epochs(forward, self.data["train"], [(free, cfg.lr), (self.dense, cfg.lr)],
+                            epochs=total, loss_fn=self.loss, device=self.device,
+                            momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                            lr_factor=lambda e: 0.5 * (1 + math.cos(math.pi * e / max(1, total))),
+                            guard=self.guard, where="fine-tuning")
+        self.t["lstep"] += time.perf_counter() - t
+        thetas = {name: {k: v.detach() for k, v in th.items()} for name, th in thetas.items()}
+        self.record(step=0, mu=0.0, lr=cfg.lr, loss=task, gap=0.0, metric=self.evaluate(thetas))
+        return self.finish(thetas, "finetune")

@@ -1,0 +1,118 @@
+"""The scheme contract: hyperparameters in a frozen dataclass, state in θ (a flat tensor dict).
+
+A scheme defines a compressed set {Δ(θ)} and three functions:
+
+    compress(w)   θ = argmin_θ ‖w − Δ(θ)‖²      (the C step: exact projection; penalty forms
+                                                 add their penalty and need μ)
+    decompress(θ) Δ(θ), differentiable in θ's floating-point parts
+    bits(θ)       storage cost of everything needed to rebuild the tensor
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+Theta = dict[str, Tensor]
+
+_REGISTRY: dict[str, type["Scheme"]] = {}
+
+
+class Scheme(ABC):
+    """Base class of compression schemes. Subclasses are frozen dataclasses with a unique `name`."""
+
+    name: ClassVar[str]
+    #: True when the C step depends on μ (penalty forms, rank selection).
+    needs_mu: ClassVar[bool] = False
+    #: False for schemes whose C step needs the tensor's own shape (low rank).
+    joinable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if isinstance(name, str):
+            if name in _REGISTRY:
+                raise TypeError(f"scheme name {name!r} is registered twice")
+            _REGISTRY[name] = cls
+
+    @abstractmethod
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        """C step: θ minimizing ‖w − Δ(θ)‖² (+ penalty); `init` is the previous θ (warm start)."""
+
+    @abstractmethod
+    def decompress(self, theta: Theta, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Δ(θ) with the given shape; differentiable in θ's floating-point tensors."""
+
+    @abstractmethod
+    def bits(self, theta: Theta, shape: torch.Size | tuple[int, ...]) -> int:
+        """Storage cost in bits of everything needed to rebuild the tensor from θ."""
+
+    def summary(self, theta: Theta, shape: torch.Size | tuple[int, ...]) -> dict[str, Any]:
+        """A few human-readable facts about θ (kept weights, codebook size, rank)."""
+        return {}
+
+    def trainable(self, theta: Theta) -> list[str]:
+        """Parts of θ that fine-tuning with the compression held fixed may train."""
+        return [k for k, v in theta.items() if v.is_floating_point()]
+
+    # -- serialization of hyperparameters (recipes, manifests) --
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"scheme": self.name}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, Scheme):
+                v = v.to_dict()
+            elif isinstance(v, tuple) and v and isinstance(v[0], Scheme):
+                v = [t.to_dict() for t in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+
+def scheme_from_dict(d: dict[str, Any]) -> Scheme:
+    """Inverse of `Scheme.to_dict`."""
+    d = dict(d)
+    name = d.pop("scheme", None)
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown scheme {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    for k, v in list(d.items()):
+        if isinstance(v, dict) and "scheme" in v:
+            d[k] = scheme_from_dict(v)
+        elif isinstance(v, list):
+            d[k] = tuple(scheme_from_dict(x) if isinstance(x, dict) else x for x in v)
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ConfigError(f"bad hyperparameters for scheme {name!r}: {e}") from None
+
+
+def registry() -> dict[str, type[Scheme]]:
+    """Name → scheme class, for every registered scheme."""
+    return dict(_REGISTRY)
+
+
+def index_bits(n: int) -> int:
+    """Bits of one position in a tensor of n elements."""
+    return max(1, math.ceil(math.log2(n))) if n > 1 else 1
+
+
+def code_bits(k: int) -> int:
+    """Bits of one code of a k-entry codebook, ⌈log₂ k⌉ (at least 1)."""
+    return max(1, math.ceil(math.log2(k))) if k > 1 else 1
+
+
+def dtype_bits(t: Tensor) -> int:
+    return t.element_size() * 8
+
+
+def numel(shape: torch.Size | tuple[int, ...]) -> int:
+    return math.prod(shape)

@@ -1,0 +1,100 @@
+"""Low rank by truncated SVD. θ = {"U": (m, r), "V": (r, n)} with Δ(θ) = U V reshaped.
+
+A weight of shape (out, *rest) — a conv kernel (out, in, kh, kw) — is handled as the matrix
+(out, in·kh·kw). The singular values are split evenly, U = U_r √S_r and V = √S_r V_rᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Scheme, Theta, dtype_bits
+
+
+def _matrix(w: Tensor) -> Tensor:
+    if w.dim() < 2:
+        raise ConfigError(f"low rank needs a weight with at least 2 dimensions, got shape {tuple(w.shape)}")
+    return w.reshape(w.shape[0], -1)
+
+
+def _factors(w2: Tensor, r: int, U: Tensor, S: Tensor, Vh: Tensor) -> Theta:
+    s = S[:r].sqrt()  # (r,)
+    return {"U": (U[:, :r] * s).contiguous(), "V": (s[:, None] * Vh[:r]).contiguous()}  # (m, r), (r, n)
+
+
+def _svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w2 = _matrix(w.detach())
+    U, S, Vh = torch.linalg.svd(w2, full_matrices=False)  # (m, q), (q,), (q, n)
+    return w2, U, S, Vh
+
+
+class _LowRankBase(Scheme):
+    joinable = False
+
+    def decompress(self, theta: Theta, shape) -> Tensor:
+        return (theta["U"] @ theta["V"]).reshape(shape)
+
+    def bits(self, theta: Theta, shape) -> int:
+        return (theta["U"].numel() + theta["V"].numel()) * dtype_bits(theta["U"])
+
+    def summary(self, theta: Theta, shape) -> dict[str, Any]:
+        return {"rank": theta["U"].shape[1]}
+
+
+@dataclass(frozen=True)
+class LowRank(_LowRankBase):
+    """θ = argmin ‖W − UV‖² s.t. rank ≤ r: the r leading singular triplets (Eckart–Young)."""
+
+    rank: int
+    name = "lowrank"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank={self.rank!r} must be an integer ≥ 1")
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        w2, U, S, Vh = _svd(w)
+        return _factors(w2, min(self.rank, S.numel()), U, S, Vh)
+
+
+@dataclass(frozen=True)
+class RankSelection(_LowRankBase):
+    """Rank chosen per C step: r = argmin α·cost(r) + μ/2·Σ_{i>r} σᵢ², then truncated SVD.
+
+    cost(r) counts the factors' weights, r·(m + n) ("storage"), or their multiply-adds per
+    output position times `positions` (the output's spatial size for a conv, "flops").
+    """
+
+    alpha: float
+    cost: str = "storage"
+    positions: int = 1
+    name = "rank_selection"
+    needs_mu = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha!r} must be a positive number")
+        if self.cost not in ("storage", "flops"):
+            raise ConfigError(f"cost={self.cost!r} must be 'storage' or 'flops'")
+        if not isinstance(self.positions, int) or self.positions < 1:
+            raise ConfigError(f"positions={self.positions!r} must be an integer ≥ 1")
+
+    def rank_for(self, S: Tensor, m: int, n: int, mu: float) -> int:
+        tail = torch.flip(torch.cumsum(torch.flip(S.double() ** 2, [0]), 0), [0])  # tail[i] = Σ_{j≥i} σⱼ²
+        tail = torch.cat([tail, tail.new_zeros(1)])  # (q+1,): error left at rank r = tail[r]
+        r = torch.arange(tail.numel(), device=S.device, dtype=torch.float64)
+        per_rank = (m + n) * (self.positions if self.cost == "flops" else 1)
+        obj = self.alpha * per_rank * r + mu / 2 * tail
+        return int(torch.argmin(obj))
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        if mu is None or not mu > 0:
+            raise ConfigError(f"the rank_selection C step needs μ > 0, got mu={mu!r}")
+        w2, U, S, Vh = _svd(w)
+        return _factors(w2, self.rank_for(S, *w2.shape, float(mu)), U, S, Vh)

@@ -1,0 +1,144 @@
+"""Sparsity: ℓ0 / ℓ1 constraints and penalties. θ = {"indices": (nnz,) int64 sorted, "values": (nnz,)}."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Scheme, Theta, dtype_bits, index_bits, numel
+
+
+def _sparse_theta(w: Tensor, mask: Tensor) -> Theta:
+    flat = w.reshape(-1)
+    idx = mask.reshape(-1).nonzero().reshape(-1)  # (nnz,) ascending
+    return {"indices": idx, "values": flat[idx].clone()}
+
+
+class _Sparse(Scheme):
+    def decompress(self, theta: Theta, shape) -> Tensor:
+        v, i = theta["values"], theta["indices"]
+        out = torch.zeros(numel(shape), dtype=v.dtype, device=v.device)
+        return out.scatter(0, i, v).reshape(shape)
+
+    def bits(self, theta: Theta, shape) -> int:
+        n, nnz = numel(shape), theta["values"].numel()
+        # values + positions: a bit mask or one index per kept weight, whichever is smaller
+        return nnz * dtype_bits(theta["values"]) + min(n, nnz * index_bits(n))
+
+    def summary(self, theta: Theta, shape) -> dict[str, Any]:
+        nnz = theta["values"].numel()
+        return {"kept": nnz, "density": nnz / max(1, numel(shape))}
+
+
+@dataclass(frozen=True)
+class Prune(_Sparse):
+    """ℓ0 constraint: θ = argmin ‖w − θ‖² s.t. ‖θ‖₀ ≤ κ, i.e. keep the κ largest |w|.
+
+    Give `keep` (fraction in (0, 1], κ = round(keep·n), at least 1) or `count` (κ itself).
+    """
+
+    keep: float | None = None
+    count: int | None = None
+    name = "prune"
+
+    def __post_init__(self) -> None:
+        if (self.keep is None) == (self.count is None):
+            raise ConfigError("prune needs exactly one of keep (a fraction) or count")
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not (0 < self.keep <= 1):
+                raise ConfigError(f"keep={self.keep!r} must be a fraction in (0, 1]")
+        if self.count is not None:
+            if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+                raise ConfigError(f"count={self.count!r} must be an integer ≥ 1")
+
+    def kappa(self, n: int) -> int:
+        if self.count is not None:
+            if self.count > n:
+                raise ConfigError(f"count={self.count} is more than the {n} weights it applies to")
+            return self.count
+        return max(1, min(n, round(self.keep * n)))
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        flat = w.reshape(-1)
+        k = self.kappa(flat.numel())
+        top = torch.topk(flat.abs(), k, sorted=False).indices
+        idx = torch.sort(top).values
+        return {"indices": idx, "values": flat[idx].clone()}
+
+
+@dataclass(frozen=True)
+class L1Ball(_Sparse):
+    """ℓ1 constraint: θ = argmin ‖w − θ‖² s.t. ‖θ‖₁ ≤ radius (exact Euclidean projection)."""
+
+    radius: float
+    name = "l1_ball"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.radius, (int, float)) or not self.radius > 0 or not math.isfinite(self.radius):
+            raise ConfigError(f"radius={self.radius!r} must be a positive number")
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        p = project_l1_ball(w, self.radius)
+        return _sparse_theta(p, p != 0)
+
+
+def project_l1_ball(w: Tensor, radius: float) -> Tensor:
+    """argmin_θ ‖w − θ‖² s.t. ‖θ‖₁ ≤ radius: soft threshold at the τ where ‖θ‖₁ = radius."""
+    a = w.abs().reshape(-1)
+    if a.sum() <= radius:
+        return w.clone()
+    u = torch.sort(a, descending=True).values  # (n,)
+    css = torch.cumsum(u.double(), 0)
+    j = torch.arange(1, u.numel() + 1, device=w.device, dtype=torch.float64)
+    rho = int(((u.double() - (css - radius) / j) > 0).nonzero().max()) + 1
+    tau = (css[rho - 1] - radius) / rho
+    return torch.sign(w) * torch.clamp(w.abs() - tau.to(w.dtype), min=0)
+
+
+def _alpha_ok(alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+        raise ConfigError(f"alpha={alpha!r} must be a positive number")
+
+
+def _mu_ok(mu: float | None, name: str) -> float:
+    if mu is None or not mu > 0:
+        raise ConfigError(f"the {name} C step needs μ > 0, got mu={mu!r}")
+    return float(mu)
+
+
+@dataclass(frozen=True)
+class L0Penalty(_Sparse):
+    """ℓ0 penalty: θ = argmin α‖θ‖₀ + μ/2‖w − θ‖², a hard threshold at √(2α/μ)."""
+
+    alpha: float
+    name = "l0_penalty"
+    needs_mu = True
+
+    def __post_init__(self) -> None:
+        _alpha_ok(self.alpha)
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        t = math.sqrt(2 * self.alpha / _mu_ok(mu, self.name))
+        return _sparse_theta(w, w.abs() > t)
+
+
+@dataclass(frozen=True)
+class L1Penalty(_Sparse):
+    """ℓ1 penalty: θ = argmin α‖θ‖₁ + μ/2‖w − θ‖², a soft threshold at α/μ."""
+
+    alpha: float
+    name = "l1_penalty"
+    needs_mu = True
+
+    def __post_init__(self) -> None:
+        _alpha_ok(self.alpha)
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        t = self.alpha / _mu_ok(mu, self.name)
+        p = torch.sign(w) * torch.clamp(w.abs() - t, min=0)
+        return _sparse_theta(p, p != 0)

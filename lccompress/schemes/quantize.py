@@ -1,0 +1,254 @@
+"""Quantization: adaptive codebooks (1-D k-means) and fixed codebooks.
+
+θ = {"codebook": (k,), "codes": uint8 of w's shape} for an adaptive codebook; fixed codebooks
+store only the codes (plus a scale for the scaled ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Scheme, Theta, code_bits, dtype_bits, numel
+
+
+def _codes_dtype(k: int) -> torch.dtype:
+    return torch.uint8 if k <= 256 else torch.int32
+
+
+# ----------------------------------------------------------------------------- 1-D k-means
+def _lloyd(xs: Tensor, s1: Tensor, c: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
+    """Lloyd iterations on sorted data xs (n,) float64 with prefix sums s1 (n+1,).
+
+    In 1-D each cluster is a contiguous run of xs, so an iteration costs O(k log n):
+    split points p (k+1,) from the midpoints, centroids from prefix sums.
+    Returns sorted centroids (k,) and split points (k+1,).
+    """
+    n, k = xs.numel(), c.numel()
+    ends = xs.new_tensor([0, n], dtype=torch.long)
+    prev = None
+    for _ in range(max_iter):
+        c = torch.sort(c).values
+        p = torch.cat([ends[:1], torch.searchsorted(xs, (c[:-1] + c[1:]) / 2), ends[1:]])  # (k+1,)
+        if prev is not None and torch.equal(p, prev):
+            break
+        cnt = p[1:] - p[:-1]
+        mean = (s1[p[1:]] - s1[p[:-1]]) / cnt.clamp(min=1)
+        c = torch.where(cnt > 0, mean, c)
+        if bool((cnt == 0).any()):
+            c = _reseed_empty(xs, s1, c, p, cnt)
+        prev = p
+    return c, p
+
+
+def _reseed_empty(xs: Tensor, s1: Tensor, c: Tensor, p: Tensor, cnt: Tensor) -> Tensor:
+    """Move each empty cluster's centroid to the point farthest from its centroid."""
+    c = c.clone()
+    err = (xs - c.repeat_interleave(cnt)) ** 2  # (n,)
+    for j in (cnt == 0).nonzero().reshape(-1).tolist():
+        i = int(err.argmax())
+        if float(err[i]) == 0.0:
+            break  # fewer distinct values than clusters
+        c[j] = xs[i]
+        err[i] = 0.0
+    return c
+
+
+def _sse(xs: Tensor, s1: Tensor, s2: Tensor, p: Tensor) -> float:
+    cnt = (p[1:] - p[:-1]).clamp(min=1)
+    sums = s1[p[1:]] - s1[p[:-1]]
+    return float((s2[p[1:]] - s2[p[:-1]] - sums * sums / cnt).sum())
+
+
+def kmeans_1d(
+    x: Tensor,
+    k: int,
+    init: Tensor | None = None,
+    *,
+    restarts: int = 4,
+    seed: int = 0,
+    max_iter: int = 500,
+) -> Tensor:
+    """Codebook (k,) sorted, minimizing Σᵢ minⱼ (xᵢ − cⱼ)² over a flat tensor x.
+
+    Runs Lloyd's algorithm from the warm start `init` (when given), from evenly spaced
+    quantiles, and (cold start only) from `restarts` k-means++ seedings drawn from a local
+    generator, and keeps the lowest distortion. Deterministic for a given seed.
+    """
+    xs = torch.sort(x.detach().reshape(-1).double()).values  # (n,)
+    n = xs.numel()
+    zero = xs.new_zeros(1)
+    s1 = torch.cat([zero, torch.cumsum(xs, 0)])  # (n+1,)
+    s2 = torch.cat([zero, torch.cumsum(xs * xs, 0)])
+    starts = []
+    if init is not None and init.numel() == k:
+        starts.append(init.detach().double().to(xs.device))
+    q = ((torch.arange(k, device=xs.device, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
+    starts.append(xs[q])
+    if init is None and k > 1:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        xc = xs.cpu()
+        for _ in range(restarts):
+            starts.append(_kmeanspp(xc, k, g).to(xs.device))
+    best, best_sse = None, math.inf
+    for c0 in starts:
+        c, p = _lloyd(xs, s1, c0, max_iter)
+        e = _sse(xs, s1, s2, p)
+        if e < best_sse:
+            best, best_sse = c, e
+    return best
+
+
+def _kmeanspp(xs: Tensor, k: int, g: Tensor) -> Tensor:
+    """k-means++ seeding (D² sampling) on a CPU float64 tensor."""
+    n = xs.numel()
+    c = [xs[int(torch.randint(n, (1,), generator=g))]]
+    d2 = (xs - c[0]) ** 2
+    for _ in range(1, k):
+        tot = float(d2.sum())
+        if tot == 0.0:
+            c.append(c[-1])
+            continue
+        i = int(torch.multinomial(d2 / tot, 1, generator=g))
+        c.append(xs[i])
+        d2 = torch.minimum(d2, (xs - xs[i]) ** 2)
+    return torch.stack(c)
+
+
+def assign(w: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the nearest entry of a sorted codebook, for each element of w (same shape)."""
+    mid = (codebook[:-1] + codebook[1:]) / 2
+    return torch.bucketize(w, mid.to(w.dtype), right=True)
+
+
+# ----------------------------------------------------------------------------- adaptive
+@dataclass(frozen=True)
+class Codebook(Scheme):
+    """Adaptive codebook: θ = argmin ‖w − C[z]‖² over a k-entry codebook C and codes z (k-means)."""
+
+    k: int
+    restarts: int = 4
+    seed: int = 0
+    name = "codebook"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not (1 <= self.k <= 65536):
+            raise ConfigError(f"k={self.k!r} must be an integer in [1, 65536]")
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        if w.numel() < self.k:
+            raise ConfigError(f"codebook k={self.k} is more than the {w.numel()} weights it applies to")
+        warm = init.get("codebook") if init else None
+        c = kmeans_1d(w, self.k, warm, restarts=self.restarts, seed=self.seed)
+        codes = assign(w.detach().double(), c).to(_codes_dtype(self.k))
+        return {"codebook": c.to(w.dtype), "codes": codes}
+
+    def decompress(self, theta: Theta, shape) -> Tensor:
+        return theta["codebook"][theta["codes"].long()].reshape(shape)
+
+    def bits(self, theta: Theta, shape) -> int:
+        return self.k * dtype_bits(theta["codebook"]) + numel(shape) * code_bits(self.k)
+
+    def summary(self, theta: Theta, shape) -> dict[str, Any]:
+        return {"k": self.k, "bits_per_weight": code_bits(self.k)}
+
+
+# ----------------------------------------------------------------------------- fixed
+@dataclass(frozen=True)
+class FixedCodebook(Scheme):
+    """Fixed codebook: θ = argmin ‖w − C[z]‖² over codes z, C given (nearest entry)."""
+
+    values: tuple[float, ...]
+    name = "fixed_codebook"
+
+    def __post_init__(self) -> None:
+        vals = tuple(self.values) if isinstance(self.values, (list, tuple)) else None
+        if not vals or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+            raise ConfigError(f"values={self.values!r} must be a non-empty list of finite numbers")
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"values={self.values!r} has repeated entries")
+        object.__setattr__(self, "values", tuple(sorted(float(v) for v in vals)))
+
+    def _table(self, like: Tensor) -> Tensor:
+        return torch.tensor(self.values, dtype=like.dtype if like.is_floating_point() else torch.float32,
+                            device=like.device)
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        codes = assign(w.detach(), self._table(w)).to(_codes_dtype(len(self.values)))
+        return {"codes": codes}
+
+    def decompress(self, theta: Theta, shape) -> Tensor:
+        return self._table(theta["codes"])[theta["codes"].long()].reshape(shape)
+
+    def bits(self, theta: Theta, shape) -> int:
+        return numel(shape) * code_bits(len(self.values))
+
+    def summary(self, theta: Theta, shape) -> dict[str, Any]:
+        return {"k": len(self.values), "bits_per_weight": code_bits(len(self.values))}
+
+
+@dataclass(frozen=True)
+class Binarize(FixedCodebook):
+    """Binarization: θ = sign(w) ∈ {−1, 1} (zero goes to 1)."""
+
+    values: tuple[float, ...] = (-1.0, 1.0)
+    name = "binarize"
+
+
+class _Scaled(Scheme):
+    """Codes into a scaled fixed table c·T; θ = {"scale": (1,), "codes"}."""
+
+    table: tuple[float, ...] = ()
+
+    def decompress(self, theta: Theta, shape) -> Tensor:
+        s = theta["scale"]
+        t = torch.tensor(self.table, dtype=s.dtype, device=s.device)
+        return (s * t[theta["codes"].long()]).reshape(shape)
+
+    def bits(self, theta: Theta, shape) -> int:
+        return dtype_bits(theta["scale"]) + numel(shape) * code_bits(len(self.table))
+
+    def summary(self, theta: Theta, shape) -> dict[str, Any]:
+        return {"k": len(self.table), "scale": float(theta["scale"])}
+
+
+@dataclass(frozen=True)
+class ScaledBinarize(_Scaled):
+    """Scaled binarization: θ = argmin ‖w − c·z‖², z ∈ {−1, 1}: z = sign(w), c = mean |w|."""
+
+    name = "scaled_binarize"
+    table = (-1.0, 1.0)
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        w = w.detach()
+        return {"scale": w.abs().mean().reshape(1), "codes": (w >= 0).to(torch.uint8)}
+
+
+@dataclass(frozen=True)
+class ScaledTernary(_Scaled):
+    """Scaled ternarization: θ = argmin ‖w − c·z‖², z ∈ {−1, 0, 1}, exact.
+
+    With t nonzeros the best are the t largest |w| and c = their mean, leaving
+    ‖w‖² − (Σ_top-t |w|)²/t; t is chosen to maximize (Σ_top-t |w|)²/t.
+    """
+
+    name = "scaled_ternary"
+    table = (-1.0, 0.0, 1.0)
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        w = w.detach()
+        a = w.abs().reshape(-1)
+        u, order = torch.sort(a, descending=True)  # (n,)
+        cs = torch.cumsum(u.double(), 0)
+        t = torch.arange(1, a.numel() + 1, device=w.device, dtype=torch.float64)
+        best = int(torch.argmax(cs * cs / t))
+        scale = (cs[best] / (best + 1)).to(w.dtype).reshape(1)
+        nz = torch.zeros(a.numel(), dtype=torch.bool, device=w.device)
+        nz[order[: best + 1]] = True
+        codes = torch.where(nz, torch.where(w.reshape(-1) >= 0, 2, 0), 1).to(torch.uint8)
+        return {"scale": scale, "codes": codes.reshape(w.shape)}
