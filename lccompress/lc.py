@@ -109,6 +109,8 @@ class Result:
     history: list[StepRecord] = field(default_factory=list)
     metric: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: times a non-finite loss or weight made training restore its last good state
+    recoveries: int = 0
 
     def bits(self) -> int:
         """Bits of θ over all groups (the compressed parameters only)."""
@@ -295,7 +297,8 @@ class _Run:
                 self.params[n].copy_(t)
         metric = self.evaluate(None)
         self.t["total"] = time.perf_counter() - self.t0
-        return Result(self.model, thetas, self.groups, method, self.history, metric, dict(self.t))
+        return Result(self.model, thetas, self.groups, method, self.history, metric, dict(self.t),
+                      self.guard.failures)
 
     # -- methods -----------------------------------------------------------------------------
     def dc(self) -> Result:
@@ -344,8 +347,12 @@ class _Run:
         free: list[Tensor] = []
         for g in self.groups:
             th = thetas[g.name]
+            fan = g.scheme.fanout(th)
             for key in g.scheme.trainable(th):
                 th[key] = th[key].detach().clone().requires_grad_(True)
+                if key in fan:  # shared entries step by the mean gradient of the weights they stand for
+                    scale = 1.0 / fan[key].clamp(min=1).to(th[key].dtype)
+                    th[key].register_hook(lambda grad, s=scale: grad * s)
                 free.append(th[key])
         total = cfg.total_epochs
 

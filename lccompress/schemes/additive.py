@@ -68,5 +68,8 @@ class Additive(Scheme):
     def summary(self, theta: Theta, shape) -> dict[str, Any]:
         return {"terms": [dict(scheme=t.name, **t.summary(_split(theta, i), shape)) for i, t in enumerate(self.terms)]}
 
+    def fanout(self, theta: Theta) -> dict[str, Tensor]:
+        return {f"{i}.{k}": v for i, t in enumerate(self.terms) for k, v in t.fanout(_split(theta, i)).items()}
+
     def trainable(self, theta: Theta) -> list[str]:
         return [f"{i}.{k}" for i, t in enumerate(self.terms) for k in t.trainable(_split(theta, i))]

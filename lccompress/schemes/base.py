@@ -62,6 +62,14 @@ class Scheme(ABC):
         """Parts of θ that fine-tuning with the compression held fixed may train."""
         return [k for k, v in theta.items() if v.is_floating_point()]
 
+    def fanout(self, theta: Theta) -> dict[str, Tensor]:
+        """For shared parts of θ, how many weights each element feeds (codebook entries, scales).
+
+        Fine-tuning divides those gradients by it, so a shared entry moves by the mean of the
+        gradients of the weights it stands for rather than their sum.
+        """
+        return {}
+
     # -- serialization of hyperparameters (recipes, manifests) --
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"scheme": self.name}

@@ -157,6 +157,9 @@ class Codebook(Scheme):
     def summary(self, theta: Theta, shape) -> dict[str, Any]:
         return {"k": self.k, "bits_per_weight": code_bits(self.k)}
 
+    def fanout(self, theta: Theta) -> dict[str, Tensor]:
+        return {"codebook": torch.bincount(theta["codes"].reshape(-1).long(), minlength=self.k)}
+
 
 # ----------------------------------------------------------------------------- fixed
 @dataclass(frozen=True)
@@ -215,6 +218,10 @@ class _Scaled(Scheme):
 
     def summary(self, theta: Theta, shape) -> dict[str, Any]:
         return {"k": len(self.table), "scale": float(theta["scale"])}
+
+    def fanout(self, theta: Theta) -> dict[str, Tensor]:
+        zero = self.table.index(0.0) if 0.0 in self.table else -1
+        return {"scale": (theta["codes"] != zero).sum().reshape(1)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,189 @@
+"""The LC loop against problems whose optimum is known, plus its contracts (feasible result,
+same seed → same bytes, NaN recovery, no mutation of the input model)."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import lccompress as lcc
+from lccompress.train import accuracy, evaluate
+
+
+def _exact_lstep(X, Y):
+    """L step solved to convergence by L-BFGS on ½‖XWᵀ − Y‖² + penalty (a strongly convex quadratic)."""
+
+    def lstep(model, penalty, ctx):
+        opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12,
+                                tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            obj = 0.5 * ((model(X) - Y) ** 2).sum() + penalty()
+            obj.backward()
+            return obj
+
+        opt.step(closure)
+
+    return lstep
+
+
+def _problem(seed, n=60, d=8, p=6):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(d, p, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, p, generator=g, dtype=torch.float64)
+    return X, Y
+
+
+def _linear(W):
+    m = nn.Linear(W.shape[1], W.shape[0], bias=False).double()
+    with torch.no_grad():
+        m.weight.copy_(W)
+    return m
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_lc_reaches_reduced_rank_regression_optimum(seed):
+    X, Y = _problem(seed)
+    r = 2
+    w_ols = torch.linalg.lstsq(X, Y).solution  # (d, p)
+    # closed form (reduced-rank regression): project the fitted values on their top-r right singular vectors
+    vr = torch.linalg.svd(X @ w_ols, full_matrices=False).Vh[:r].T  # (p, r)
+    f = lambda W: 0.5 * float(((X @ W.T - Y) ** 2).sum())  # noqa: E731  W is (p, d)
+    best = f((w_ols @ vr @ vr.T).T)
+    model = _linear(w_ols.T)
+    recipe = lcc.Recipe.single("weight", lcc.LowRank(r))
+    cfg = lcc.LCConfig(steps=100, mu0=1.0, mu_growth=1.1, tol=0)
+    lc = lcc.compress(model, recipe, lstep=_exact_lstep(X, Y), config=cfg, device="cpu")
+    dc = lcc.compress(model, recipe, method="dc", device="cpu")
+    assert torch.linalg.matrix_rank(lc.model.weight.detach()) <= r
+    assert f(lc.model.weight.detach()) <= best * 1.01
+    assert f(dc.model.weight.detach()) >= best * 1.2
+
+
+def test_lc_reaches_best_subset_least_squares():
+    g = torch.Generator().manual_seed(2)
+    n, d, kappa = 40, 10, 3
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(d, 1, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    f = lambda w: 0.5 * float(((X @ w.reshape(-1, 1) - y) ** 2).sum())  # noqa: E731
+    # brute force over all supports of size κ
+    best = min(f(torch.zeros(d, dtype=torch.float64).index_put_((torch.tensor(s),),
+                 torch.linalg.lstsq(X[:, s], y).solution.reshape(-1)))
+               for s in itertools.combinations(range(d), kappa))
+    model = _linear(torch.linalg.lstsq(X, y).solution.T)
+    recipe = lcc.Recipe.single("weight", lcc.Prune(count=kappa))
+    cfg = lcc.LCConfig(steps=100, mu0=1.0, mu_growth=1.1, tol=0)
+    lc = lcc.compress(model, recipe, lstep=_exact_lstep(X, y), config=cfg, device="cpu")
+    dc = lcc.compress(model, recipe, method="dc", device="cpu")
+    w = lc.model.weight.detach()
+    assert int((w != 0).sum()) <= kappa
+    assert f(w) <= best * 1.001
+    assert f(dc.model.weight.detach()) >= best * 1.2
+
+
+SMALL = lcc.LCConfig(steps=5, epochs=1, first_epochs=2, mu0=0.02, mu_growth=2.5)
+PRUNE = lcc.Recipe.single("fc*.weight", lcc.Prune(keep=0.05), joint=True)
+
+
+def _err(model, data):
+    acc, _, _ = evaluate(model, data["eval"], torch.device("cpu"), accuracy)
+    return 1 - acc
+
+
+def test_lc_on_digits_is_feasible_and_beats_dc(digits_ref):
+    ref, data = digits_ref
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    lc = lcc.compress(ref, PRUNE, data, config=SMALL, device="cpu")
+    dc = lcc.compress(ref, PRUNE, method="dc", device="cpu")
+    # the input model is untouched
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    # the answer is the feasible model: global top-κ over the three weights, κ = round(5 % of 50,200)
+    ws = [lc.model.get_parameter(f"fc{i}.weight").detach() for i in (1, 2, 3)]
+    assert sum(int((w != 0).sum()) for w in ws) == 2510
+    g = lc.groups[0]
+    for name, t in g.decompress(lc.thetas[g.name]).items():
+        assert torch.equal(lc.model.get_parameter(name).detach(), t)
+    # biases stayed dense and trained
+    assert not torch.equal(lc.model.fc1.bias.detach(), ref.fc1.bias.detach())
+    assert lc.metric == pytest.approx(1 - _err(lc.model, data))
+    assert _err(lc.model, data) < _err(dc.model, data) - 0.05
+    assert [h.step for h in lc.history] == [0, 1, 2, 3, 4]
+    mus = [h.mu for h in lc.history]
+    assert mus == pytest.approx([SMALL.mu0 * SMALL.mu_growth ** k for k in range(5)])
+    assert lc.ratio == pytest.approx(50200 * 32 / (2510 * 32 + min(50200, 2510 * 16)))  # 16-bit positions
+
+
+def test_same_seed_same_bytes(digits_ref):
+    ref, data = digits_ref
+    rec = lcc.Recipe.single("fc*.weight", lcc.Codebook(k=2))
+    a = lcc.compress(ref, rec, data, config=SMALL, device="cpu", seed=3)
+    b = lcc.compress(ref, rec, data, config=SMALL, device="cpu", seed=3)
+    c = lcc.compress(ref, rec, data, config=SMALL, device="cpu", seed=4)
+    sa, sb, sc = (r.model.state_dict() for r in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert [h.loss for h in a.history] == [h.loss for h in b.history]
+
+
+def test_finetune_holds_the_compression_fixed(digits_ref):
+    ref, data = digits_ref
+    dc = lcc.compress(ref, PRUNE, method="dc", device="cpu")
+    ft = lcc.compress(ref, PRUNE, data, method="finetune", config=SMALL, device="cpu")
+    g = dc.groups[0]
+    assert torch.equal(dc.thetas[g.name]["indices"], ft.thetas[g.name]["indices"])  # same mask
+    assert not torch.equal(dc.thetas[g.name]["values"], ft.thetas[g.name]["values"])  # values trained
+    assert _err(ft.model, data) < _err(dc.model, data)
+    rec = lcc.Recipe.single("fc*.weight", lcc.Codebook(k=2))
+    dq = lcc.compress(ref, rec, method="dc", device="cpu")
+    fq = lcc.compress(ref, rec, data, method="finetune", config=SMALL, device="cpu")
+    for name in ("fc1.weight", "fc2.weight"):
+        assert torch.equal(dq.thetas[name]["codes"], fq.thetas[name]["codes"])
+        assert fq.model.get_parameter(name).unique().numel() <= 2
+
+
+def test_idc_and_qp_run_and_stay_feasible(digits_ref):
+    ref, data = digits_ref
+    rec = lcc.Recipe.single(["fc1.weight", "fc2.weight"], lcc.LowRank(8))
+    for method, penalty in (("idc", "al"), ("lc", "qp")):
+        r = lcc.compress(ref, rec, data, method=method, config=lcc.LCConfig(steps=2, epochs=1, penalty=penalty),
+                         device="cpu")
+        assert torch.linalg.matrix_rank(r.model.fc1.weight.detach()) <= 8
+        assert len(r.history) == 2
+
+
+def test_nan_restores_and_halves_then_gives_up(digits_ref):
+    ref, data = digits_ref
+    calls = {"n": 0}
+
+    def flaky(out, y):  # non-finite on the first call only
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if calls["n"] == 1 else loss
+
+    r = lcc.compress(ref, PRUNE, data, config=SMALL, loss=flaky, device="cpu")
+    assert r.recoveries == 1
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+    assert r.history[0].lr == pytest.approx(SMALL.lr)  # the clipped lr is reported before halving
+
+    with pytest.raises(lcc.DivergenceError, match="non-finite"):
+        lcc.compress(ref, PRUNE, data, config=SMALL, loss=lambda o, y: o.sum() * float("inf"), device="cpu")
+
+
+def test_lr_is_clipped_to_one_over_mu(digits_ref):
+    ref, data = digits_ref
+    cfg = lcc.LCConfig(steps=3, epochs=1, first_epochs=1, mu0=100.0, mu_growth=2.0, lr=0.05)
+    r = lcc.compress(ref, PRUNE, data, config=cfg, device="cpu")
+    assert [h.lr for h in r.history] == pytest.approx([0.01, 0.005, 0.0025])
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(lcc.ConfigError, match="penalty='xx'"):
+        lcc.LCConfig(penalty="xx")
+    with pytest.raises(lcc.ConfigError, match="mu0"):
+        lcc.LCConfig(mu0=-1)
+    with pytest.raises(lcc.ConfigError, match="method='magic'"):
+        lcc.compress(nn.Linear(2, 2), lcc.Recipe.single("weight", lcc.Prune(keep=0.5)), method="magic")
+    with pytest.raises(lcc.ConfigError, match="needs training data"):
+        lcc.compress(nn.Linear(2, 2), lcc.Recipe.single("weight", lcc.Prune(keep=0.5)), method="lc")
