@@ -59,65 +59,114 @@ def _reseed_empty(xs: Tensor, s1: Tensor, c: Tensor, p: Tensor, cnt: Tensor) -> 
     return c
 
 
+def _seg(s1: Tensor, s2: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """SSE of each run xs[a:b] about its mean (0 for an empty run)."""
+    m = (b - a).clamp(min=1)
+    d = s1[b] - s1[a]
+    return s2[b] - s2[a] - d * d / m
+
+
+def _refine(s1: Tensor, s2: Tensor, p: Tensor, sweeps: int = 200) -> Tensor:
+    """Coordinate descent on the split points: each split moves to its best place between its
+    neighbours (exact, by prefix sums), with cluster means following. Never worse than Lloyd's
+    fixed point it starts from, and escapes many of its local minima."""
+    p = p.clone()
+    k = p.numel() - 1
+    for _ in range(sweeps):
+        moved = False
+        for j in range(1, k):
+            a, b = int(p[j - 1]), int(p[j + 1])
+            if b - a < 2:
+                continue
+            q = torch.arange(a + 1, b, device=p.device)  # keep both clusters non-empty
+            cost = _seg(s1, s2, p[j - 1].expand_as(q), q) + _seg(s1, s2, q, p[j + 1].expand_as(q))
+            i = int(torch.argmin(cost))
+            cur = p[j : j + 1]
+            now = float(_seg(s1, s2, p[j - 1 : j], cur) + _seg(s1, s2, cur, p[j + 1 : j + 2]))
+            if float(cost[i]) < now - 1e-12 * abs(now):
+                p[j] = a + 1 + i
+                moved = True
+        if not moved:
+            break
+    return p
+
+
 def _sse(xs: Tensor, s1: Tensor, s2: Tensor, p: Tensor) -> float:
     cnt = (p[1:] - p[:-1]).clamp(min=1)
     sums = s1[p[1:]] - s1[p[:-1]]
     return float((s2[p[1:]] - s2[p[:-1]] - sums * sums / cnt).sum())
 
 
-def kmeans_1d(
-    x: Tensor,
-    k: int,
-    init: Tensor | None = None,
-    *,
-    restarts: int = 4,
-    seed: int = 0,
-    max_iter: int = 500,
-) -> Tensor:
+def _dp_splits(s1: Tensor, s2: Tensor, k: int) -> Tensor:
+    """Exact 1-D k-means: optimal split points (k+1,) of sorted data by dynamic programming.
+
+    D_c(j) = min_{i<j} D_{c−1}(i) + SSE(i, j); the best i is non-decreasing in j (the SSE is a
+    Monge cost), so each layer is solved by divide and conquer, all subproblems of a recursion
+    level batched into one tensor operation: O(k·n·log n). Layer 1 is closed form and layer k
+    is needed at j = n only, so k = 2 costs O(n).
+    """
+    n = s1.numel() - 1
+    dev = s1.device
+    ar = lambda m: torch.arange(m, device=dev)  # noqa: E731
+    D = _seg(s1, s2, torch.zeros(n + 1, dtype=torch.long, device=dev), ar(n + 1))  # D_1(j) = SSE(0, j)
+    args: list[Tensor] = []
+    for c in range(2, k):
+        Dn = torch.full_like(D, math.inf)
+        A = torch.zeros(n + 1, dtype=torch.long, device=dev)
+        t = lambda v: torch.tensor([v], device=dev)  # noqa: E731
+        jlo, jhi, ilo, ihi = t(c), t(n), t(c - 1), t(n - 1)
+        while jlo.numel():
+            jm = (jlo + jhi) // 2
+            ln = torch.minimum(ihi, jm - 1) - ilo + 1  # candidates per subproblem, ≥ 1
+            seg = torch.repeat_interleave(ar(jm.numel()), ln)
+            i = ilo[seg] + ar(seg.numel()) - (torch.cumsum(ln, 0) - ln)[seg]
+            v = D[i] + _seg(s1, s2, i, jm[seg])
+            mn = torch.full(jm.shape, math.inf, dtype=v.dtype, device=dev).scatter_reduce(0, seg, v, "amin")
+            am = torch.full(jm.shape, n, dtype=torch.long, device=dev).scatter_reduce(
+                0, seg, torch.where(v <= mn[seg], i, n), "amin")
+            Dn[jm], A[jm] = mn, am
+            lf, rt = jlo <= jm - 1, jm + 1 <= jhi
+            jlo, jhi, ilo, ihi = (torch.cat([jlo[lf], (jm + 1)[rt]]), torch.cat([(jm - 1)[lf], jhi[rt]]),
+                                  torch.cat([ilo[lf], am[rt]]), torch.cat([am[lf], ihi[rt]]))
+        D = Dn
+        args.append(A)
+    i = ar(n - k + 1) + k - 1  # last layer at j = n only
+    p = [n, int(i[torch.argmin(D[i] + _seg(s1, s2, i, torch.full_like(i, n)))])] if k > 1 else [n]
+    for A in reversed(args):
+        p.append(int(A[p[-1]]))
+    p.append(0)
+    return torch.tensor(p[::-1], device=dev)
+
+
+def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, exact_limit: int = 2_000_000,
+              max_iter: int = 500) -> Tensor:
     """Codebook (k,) sorted, minimizing Σᵢ minⱼ (xᵢ − cⱼ)² over a flat tensor x.
 
-    Runs Lloyd's algorithm from the warm start `init` (when given), from evenly spaced
-    quantiles, and (cold start only) from `restarts` k-means++ seedings drawn from a local
-    generator, and keeps the lowest distortion. Deterministic for a given seed.
+    Exact by dynamic programming from a cold start, and from a warm start `init` when
+    n·(k − 2) ≤ exact_limit (always for k ≤ 2). Otherwise (a warm start on a large tensor, as in
+    the LC C steps) Lloyd's algorithm and coordinate descent on the split points, from `init`
+    and from evenly spaced quantiles; the lower distortion wins.
     """
     xs = torch.sort(x.detach().reshape(-1).double()).values  # (n,)
     n = xs.numel()
     zero = xs.new_zeros(1)
     s1 = torch.cat([zero, torch.cumsum(xs, 0)])  # (n+1,)
     s2 = torch.cat([zero, torch.cumsum(xs * xs, 0)])
-    starts = []
-    if init is not None and init.numel() == k:
-        starts.append(init.detach().double().to(xs.device))
-    q = ((torch.arange(k, device=xs.device, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
-    starts.append(xs[q])
-    if init is None and k > 1:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        xc = xs.cpu()
-        for _ in range(restarts):
-            starts.append(_kmeanspp(xc, k, g).to(xs.device))
-    best, best_sse = None, math.inf
-    for c0 in starts:
-        c, p = _lloyd(xs, s1, c0, max_iter)
-        e = _sse(xs, s1, s2, p)
-        if e < best_sse:
-            best, best_sse = c, e
-    return best
-
-
-def _kmeanspp(xs: Tensor, k: int, g: Tensor) -> Tensor:
-    """k-means++ seeding (D² sampling) on a CPU float64 tensor."""
-    n = xs.numel()
-    c = [xs[int(torch.randint(n, (1,), generator=g))]]
-    d2 = (xs - c[0]) ** 2
-    for _ in range(1, k):
-        tot = float(d2.sum())
-        if tot == 0.0:
-            c.append(c[-1])
-            continue
-        i = int(torch.multinomial(d2 / tot, 1, generator=g))
-        c.append(xs[i])
-        d2 = torch.minimum(d2, (xs - xs[i]) ** 2)
-    return torch.stack(c)
+    if n <= k:
+        best = torch.cat([torch.arange(n + 1, device=xs.device), torch.full((k - n,), n, device=xs.device)])
+    elif init is None or init.numel() != k or n * max(k - 2, 0) <= exact_limit:
+        best = _dp_splits(s1, s2, k)
+    else:
+        q = ((torch.arange(k, device=xs.device, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
+        best, best_sse = None, math.inf
+        for c0 in (init.detach().double().to(xs.device), xs[q]):
+            p = _refine(s1, s2, _lloyd(xs, s1, c0, max_iter)[1])
+            e = _sse(xs, s1, s2, p)
+            if e < best_sse:
+                best, best_sse = p, e
+    cnt = best[1:] - best[:-1]
+    mean = (s1[best[1:]] - s1[best[:-1]]) / cnt.clamp(min=1)  # (k,) the means of the partition
+    return torch.where(cnt > 0, mean, xs[best[:-1].clamp(max=n - 1)])
 
 
 def assign(w: Tensor, codebook: Tensor) -> Tensor:
@@ -129,11 +178,11 @@ def assign(w: Tensor, codebook: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- adaptive
 @dataclass(frozen=True)
 class Codebook(Scheme):
-    """Adaptive codebook: θ = argmin ‖w − C[z]‖² over a k-entry codebook C and codes z (k-means)."""
+    """Adaptive codebook: θ = argmin ‖w − C[z]‖² over a k-entry codebook C and codes z (1-D k-means,
+    exact up to n·(k − 2) ≤ exact_limit, else Lloyd + split refinement warm-started from `init`)."""
 
     k: int
-    restarts: int = 4
-    seed: int = 0
+    exact_limit: int = 2_000_000
     name = "codebook"
 
     def __post_init__(self) -> None:
@@ -144,7 +193,7 @@ class Codebook(Scheme):
         if w.numel() < self.k:
             raise ConfigError(f"codebook k={self.k} is more than the {w.numel()} weights it applies to")
         warm = init.get("codebook") if init else None
-        c = kmeans_1d(w, self.k, warm, restarts=self.restarts, seed=self.seed)
+        c = kmeans_1d(w, self.k, warm, exact_limit=self.exact_limit)
         codes = assign(w.detach().double(), c).to(_codes_dtype(self.k))
         return {"codebook": c.to(w.dtype), "codes": codes}
 
