@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from .errors import ConfigError
 from .recipe import Group, Recipe
-from .schemes.base import Theta
+from .schemes.base import Theta, merge_lc_defaults
 from .train import Guard, LossFn, MetricFn, accuracy, cross_entropy, evaluate, train_epochs
 
 log = logging.getLogger("lccompress")
@@ -40,13 +40,15 @@ class LCConfig:
 
     μₖ = mu0·mu_growthᵏ; L step k trains `first_epochs` (k = 0) or `epochs` epochs of SGD at
     learning rate lr·lr_decayᵏ, clipped to lr_clip/μₖ for the compressed weights.
+    mu0, mu_growth and weight_decay left as None are taken from the schemes' `lc_defaults`
+    (1e-3, ×1.15, 0 for pruning and quantization; 1e-2, ×1.1, 5e-4 for low rank).
     """
 
     steps: int = 40
     epochs: int = 5
     first_epochs: int | None = 10
-    mu0: float = 1e-3
-    mu_growth: float = 1.15
+    mu0: float | None = None
+    mu_growth: float | None = None
     penalty: str = "al"
     tol: float = 1e-7
     lr: float = 0.05
@@ -54,7 +56,7 @@ class LCConfig:
     lr_clip: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
 
     def __post_init__(self) -> None:
         def pos(name: str, integer: bool = False, zero: bool = False) -> None:
@@ -63,15 +65,22 @@ class LCConfig:
             if isinstance(v, bool) or not ok or v < 0 or (v == 0 and not zero):
                 raise ConfigError(f"{name}={v!r} must be a {'whole' if integer else ''} number "
                                   f"{'≥ 0' if zero else '> 0'}".replace("  ", " "))
-        pos("steps", True), pos("epochs", True, True), pos("mu0"), pos("mu_growth"), pos("lr")
-        pos("lr_decay"), pos("lr_clip"), pos("tol", zero=True), pos("weight_decay", zero=True)
-        pos("momentum", zero=True)
+        pos("steps", True), pos("epochs", True, True), pos("lr")
+        pos("lr_decay"), pos("lr_clip"), pos("tol", zero=True), pos("momentum", zero=True)
+        for name, zero in (("mu0", False), ("mu_growth", False), ("weight_decay", True)):
+            if getattr(self, name) is not None:
+                pos(name, zero=zero)
         if self.first_epochs is not None:
             pos("first_epochs", True, True)
         if self.penalty not in ("al", "qp"):
             raise ConfigError(f"penalty={self.penalty!r} must be 'al' (augmented Lagrangian) or 'qp' (quadratic penalty)")
         if self.momentum >= 1:
             raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)")
+
+    def resolve(self, groups: list[Group]) -> "LCConfig":
+        """This config with every None filled from the schemes' defaults."""
+        d = merge_lc_defaults([g.scheme for g in groups])
+        return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
 
     def mu(self, k: int) -> float:
         return self.mu0 * self.mu_growth ** k
@@ -111,6 +120,8 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     #: times a non-finite loss or weight made training restore its last good state
     recoveries: int = 0
+    #: the schedule that ran, with the schemes' defaults filled in
+    config: LCConfig | None = None
 
     def bits(self) -> int:
         """Bits of θ over all groups (the compressed parameters only)."""
@@ -209,9 +220,10 @@ class _Run:
     """State of one compression run; one public method per algorithm."""
 
     def __init__(self, model, recipe, data, config, loss, metric, lstep, device, callback) -> None:
-        self.model, self.data, self.cfg, self.loss, self.metric = model, data, config, loss, metric
+        self.model, self.data, self.loss, self.metric = model, data, loss, metric
         self.lstep, self.device, self.callback = lstep, device, callback
         self.groups = recipe.groups(model)
+        self.cfg = config.resolve(self.groups)
         self.params = dict(model.named_parameters())
         names = {p for g in self.groups for p in g.params}
         self.compressed = [self.params[n] for g in self.groups for n in g.params]
@@ -298,7 +310,7 @@ class _Run:
         metric = self.evaluate(None)
         self.t["total"] = time.perf_counter() - self.t0
         return Result(self.model, thetas, self.groups, method, self.history, metric, dict(self.t),
-                      self.guard.failures)
+                      self.guard.failures, self.cfg)
 
     # -- methods -----------------------------------------------------------------------------
     def dc(self) -> Result:

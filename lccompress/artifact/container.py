@@ -10,8 +10,10 @@
                ⌈n·b/8⌉ bytes
     __metadata__["lccompress"]   JSON manifest: format and versions, the recipe, per group the
                                  scheme, params, shapes, dtype, bits and part encodings, and a
-                                 BLAKE2b-64 digest of every tensor (detects corruption, not a
-                                 signature: whoever can write the file can rewrite the digests)
+                                 BLAKE2b-64 digest of every tensor's dtype, shape and bytes
+    __metadata__["lccompress.digest"]   BLAKE2b-64 of the manifest text
+The digests detect corruption and inconsistent edits; they are not a signature (whoever can
+write the file can recompute them).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..schemes.base import Scheme, Theta, code_bits, scheme_from_dict
 FORMAT = "lccompress.artifact"
 FORMAT_VERSION = 1
 META_KEY = "lccompress"
+DIGEST_KEY = "lccompress.digest"
 _CHUNK = 1 << 20  # elements per bit-packing chunk, a multiple of 8 so chunks end on whole bytes
 _UINTS = (np.uint8, np.uint16, np.uint32)
 
@@ -197,7 +200,14 @@ def encode_theta(group: Group, theta: Theta) -> tuple[dict[str, Tensor], dict[st
 
 # ----------------------------------------------------------------------------- save
 def _digest(t: Tensor) -> str:
-    return hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=8).hexdigest()
+    """BLAKE2b-64 of a tensor's dtype, shape and bytes: a change to any of them changes it."""
+    h = hashlib.blake2b(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode(), digest_size=8)
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _text_digest(s: str) -> str:
+    return hashlib.blake2b(s.encode(), digest_size=8).hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -246,7 +256,8 @@ def save(path: str | os.PathLike, source: Any, thetas: Mapping[str, Theta] | Non
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "lccompress_version": __version__,
                 "recipe": recipe.to_dict() if recipe is not None else None, "groups": entries,
                 "digests": {k: _digest(v) for k, v in tensors.items()}}
-    data = safetensors.torch.save(tensors, metadata={META_KEY: json.dumps(manifest, separators=(",", ":"))})
+    text = json.dumps(manifest, separators=(",", ":"))
+    data = safetensors.torch.save(tensors, metadata={META_KEY: text, DIGEST_KEY: _text_digest(text)})
     atomic_write(path, data)
     return len(data)
 
@@ -273,6 +284,8 @@ def read_manifest(meta: Mapping[str, str] | None, path: Any) -> dict[str, Any]:
     """The manifest in safetensors metadata, checked for format and version."""
     if not meta or META_KEY not in meta:
         raise ArtifactError(f"{path} has no lccompress manifest (__metadata__[{META_KEY!r}]); it is not an lccompress artifact")
+    if meta.get(DIGEST_KEY) != _text_digest(meta[META_KEY]):
+        raise ArtifactError(f"{path}: the manifest fails its checksum; the file is corrupted or was changed")
     try:
         m = json.loads(meta[META_KEY])
     except json.JSONDecodeError as e:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Scheme, Theta
+from .base import Scheme, Theta, merge_lc_defaults
 
 
 def _split(theta: Theta, i: int) -> Theta:
@@ -42,6 +42,10 @@ class Additive(Scheme):
     @property
     def joinable(self) -> bool:  # type: ignore[override]
         return all(t.joinable for t in self.terms)
+
+    @property
+    def lc_defaults(self) -> dict[str, float]:  # type: ignore[override]
+        return merge_lc_defaults(self.terms)
 
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
         w = w.detach()

@@ -33,6 +33,8 @@ class Scheme(ABC):
     needs_mu: ClassVar[bool] = False
     #: False for schemes whose C step needs the tensor's own shape (low rank).
     joinable: ClassVar[bool] = True
+    #: LC schedule this family works best with, used where the LCConfig leaves a field as None.
+    lc_defaults: ClassVar[dict[str, float]] = {"mu0": 1e-3, "mu_growth": 1.15, "weight_decay": 0.0}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -101,6 +103,13 @@ def scheme_from_dict(d: dict[str, Any]) -> Scheme:
         return cls(**d)
     except TypeError as e:
         raise ConfigError(f"bad hyperparameters for scheme {name!r}: {e}") from None
+
+
+def merge_lc_defaults(schemes) -> dict[str, float]:
+    """One schedule for several schemes: the gentlest start and growth, the largest weight decay."""
+    ds = [s.lc_defaults for s in schemes]
+    return {"mu0": min(d["mu0"] for d in ds), "mu_growth": min(d["mu_growth"] for d in ds),
+            "weight_decay": max(d["weight_decay"] for d in ds)}
 
 
 def registry() -> dict[str, type[Scheme]]:
