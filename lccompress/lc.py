@@ -14,10 +14,16 @@ LC (Carreira-Perpiñán 2017) solves min_w L(w) s.t. w = Δ(θ) by the augmented
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
+import json
 import logging
 import math
+import os
+import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -193,12 +199,16 @@ def compress(
     device: str | torch.device = "auto",
     seed: int = 0,
     callback: Callable[[StepRecord], None] | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> Result:
     """Compress a trained model by `method` ("dc", "idc", "lc" or "finetune"); the input model is not changed.
 
     `data` is a training DataLoader or {"train": ..., "eval": ...}; "dc" needs none. Each batch is
     (inputs, targets). `loss(output, target)` defaults to cross-entropy and `metric(outputs,
     targets)` (over the whole eval set) to accuracy. `lstep` replaces the default L step.
+    With `state_dir`, the state after each LC / iDC step is saved there atomically, and
+    `resume=True` continues from the last saved step with the same result as an unbroken run.
     """
     if method not in METHODS:
         raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
@@ -208,12 +218,66 @@ def compress(
     if method != "dc" and "train" not in data and lstep is None:
         raise ConfigError(f"method {method!r} trains, so it needs training data (or an lstep function)")
     dev = resolve_device(device)
-    run = _Run(copy.deepcopy(model).to(dev), recipe, data, config, loss or cross_entropy,
+    run = _Run(_copy_module(model).to(dev), recipe, data, config, loss or cross_entropy,
                metric or accuracy, lstep, dev, callback)
+    if state_dir is not None:
+        run.state = _State(Path(state_dir), _fingerprint(method, run, recipe, seed), resume)
     devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return getattr(run, method)()
+
+
+def _copy_module(model: nn.Module) -> nn.Module:
+    """An independent copy; a TorchScript module goes through save/load (deepcopy would leave
+    its parameters as non-leaf clones that an optimizer refuses)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location="cpu")
+    return copy.deepcopy(model)
+
+
+def _fingerprint(method: str, run: "_Run", recipe: Recipe, seed: int) -> str:
+    spec = {"method": method, "config": asdict(run.cfg), "recipe": recipe.to_dict(), "seed": seed,
+            "params": {n: list(p.shape) for n, p in run.params.items()}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _State:
+    """LC state saved after each step (atomically), to resume an interrupted run exactly."""
+
+    FILE = "lc_state.pt"
+
+    def __init__(self, directory: Path, fingerprint: str, resume: bool) -> None:
+        self.dir, self.fingerprint, self.resume = directory, fingerprint, resume
+
+    def load(self) -> dict | None:
+        path = self.dir / self.FILE
+        if not self.resume or not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable state is reported the same way
+            raise ConfigError(f"{path}: unreadable LC state ({str(e).splitlines()[0]}); delete it to start over") from None
+        if state.get("fingerprint") != self.fingerprint:
+            raise ConfigError(f"{path} was written by a run with other settings; delete it or drop --resume")
+        return state
+
+    def save(self, state: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {**state, "fingerprint": self.fingerprint}
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lc_state.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / self.FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 class _Run:
@@ -232,6 +296,34 @@ class _Run:
         self.t = {"lstep": 0.0, "cstep": 0.0, "eval": 0.0}
         self.t0 = time.perf_counter()
         self.history: list[StepRecord] = []
+        self.state: _State | None = None
+
+    # -- resumable state ---------------------------------------------------------------------
+    def restore(self) -> tuple[int, dict[str, Theta], dict[str, Tensor]] | None:
+        """(next step, θ, λ) from a saved state, with weights, RNG and history restored; or None."""
+        st = self.state.load() if self.state else None
+        if st is None:
+            return None
+        with torch.no_grad():
+            for n, t in st["weights"].items():
+                self.params[n].copy_(t)
+        torch.set_rng_state(st["rng"])
+        if self.device.type == "cuda" and st.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
+        self.guard.failures, self.guard.scale = st["guard"]
+        self.history = [StepRecord(**h) for h in st["history"]]
+        to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
+        return st["step"] + 1, {g: to(th) for g, th in st["thetas"].items()}, to(st["lam"])
+
+    def checkpoint(self, step: int, thetas: Mapping[str, Theta], lam: Mapping[str, Tensor]) -> None:
+        if not self.state:
+            return
+        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        self.state.save({
+            "step": step, "weights": cpu(self.weights()), "thetas": {g: cpu(th) for g, th in thetas.items()},
+            "lam": cpu(lam), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "guard": [self.guard.failures, self.guard.scale], "history": [asdict(h) for h in self.history]})
 
     # -- pieces ------------------------------------------------------------------------------
     def cstep(self, shifted: Mapping[str, Tensor], thetas: Mapping[str, Theta] | None, mu: float) -> dict[str, Theta]:
@@ -250,16 +342,27 @@ class _Run:
         return {n: p.detach() for n, p in self.params.items()}
 
     def evaluate(self, thetas: Mapping[str, Theta] | None) -> float | None:
-        """Metric of the model with weights Δ(θ) (or as it is, without θ) on the eval data."""
+        """Metric of the model with weights Δ(θ) (or as it is, without θ) on the eval data.
+
+        Δ(θ) is swapped into the parameters and back (this works for TorchScript modules too,
+        which torch.func.functional_call does not support)."""
         if "eval" not in self.data:
             return None
         t = time.perf_counter()
         over = self.deltas(thetas) if thetas else {}
+        saved = {n: self.params[n].detach().clone() for n in over}
         was = self.model.training
         self.model.eval()
-        value, _, _ = evaluate(lambda x: functional_call(self.model, over, (x,)), self.data["eval"],
-                               self.device, self.metric)
-        self.model.train(was)
+        try:
+            with torch.no_grad():
+                for n, v in over.items():
+                    self.params[n].copy_(v)
+            value, _, _ = evaluate(self.model, self.data["eval"], self.device, self.metric)
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    self.params[n].copy_(v)
+            self.model.train(was)
         self.t["eval"] += time.perf_counter() - t
         return value
 
@@ -319,9 +422,13 @@ class _Run:
 
     def lc(self) -> Result:
         cfg = self.cfg
-        thetas = self.cstep(self.weights(), None, cfg.mu0)
-        lam = {n: torch.zeros_like(self.params[n]) for g in self.groups for n in g.params}
-        for k in range(cfg.steps):
+        start, thetas, lam = self.restore() or (0, None, None)
+        if thetas is None:
+            thetas = self.cstep(self.weights(), None, cfg.mu0)
+            lam = {n: torch.zeros_like(self.params[n]) for g in self.groups for n in g.params}
+        elif self.history and self.history[-1].gap < cfg.tol:
+            start = cfg.steps  # the saved run had already converged
+        for k in range(start, cfg.steps):
             mu = cfg.mu(k)
             d = self.deltas(thetas)
             targets = {n: d[n] + lam[n] / mu for n in d}
@@ -334,6 +441,7 @@ class _Run:
                     lam[n] -= mu * (w[n] - d[n])
             gap = self.gap(thetas)
             self.record(step=k, mu=mu, lr=lr, loss=task, gap=gap, metric=self.evaluate(thetas))
+            self.checkpoint(k, thetas, lam)
             if gap < cfg.tol:
                 break
         return self.finish(thetas, "lc")
@@ -341,20 +449,26 @@ class _Run:
     def idc(self) -> Result:
         """Iterated DC: from Δ(θ), train without constraint, compress again; repeat."""
         cfg = self.cfg
-        thetas = self.cstep(self.weights(), None, cfg.mu0)
-        for k in range(cfg.steps):
+        start, thetas, _ = self.restore() or (0, None, None)
+        if thetas is None:
+            thetas = self.cstep(self.weights(), None, cfg.mu0)
+        for k in range(start, cfg.steps):
             with torch.no_grad():
                 for n, t in self.deltas(thetas).items():
                     self.params[n].copy_(t)
             task, lr = self.train(k, None, None)
             thetas = self.cstep(self.weights(), thetas, cfg.mu(k))
             self.record(step=k, mu=cfg.mu(k), lr=lr, loss=task, gap=self.gap(thetas), metric=self.evaluate(thetas))
+            self.checkpoint(k, thetas, {})
         return self.finish(thetas, "idc")
 
     def finetune(self) -> Result:
         """DC, then train θ's free parts (kept values, codebook entries, factors) and the dense
         parameters for as many epochs as LC would, cosine learning rate; masks, codes, ranks fixed."""
         cfg = self.cfg
+        if isinstance(self.model, torch.jit.ScriptModule):
+            raise ConfigError("finetune needs a Python module (TorchScript cannot run with swapped-in "
+                              "weights); give the model as code with --model")
         thetas = self.cstep(self.weights(), None, cfg.mu0)
         free: list[Tensor] = []
         for g in self.groups:

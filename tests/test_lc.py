@@ -187,3 +187,26 @@ def test_bad_configuration_is_named():
         lcc.compress(nn.Linear(2, 2), lcc.Recipe.single("weight", lcc.Prune(keep=0.5)), method="magic")
     with pytest.raises(lcc.ConfigError, match="needs training data"):
         lcc.compress(nn.Linear(2, 2), lcc.Recipe.single("weight", lcc.Prune(keep=0.5)), method="lc")
+
+
+def test_resume_continues_to_the_same_bytes(digits_ref, tmp_path):
+    ref, data = digits_ref
+    rec = lcc.Recipe.single("fc*.weight", lcc.Codebook(k=2))
+    cfg = lcc.LCConfig(steps=4, epochs=1, first_epochs=1)
+    whole = lcc.compress(ref, rec, data, config=cfg, device="cpu", seed=5)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(record):
+        if record.step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        lcc.compress(ref, rec, data, config=cfg, device="cpu", seed=5, state_dir=tmp_path, callback=stop_after_two)
+    resumed = lcc.compress(ref, rec, data, config=cfg, device="cpu", seed=5, state_dir=tmp_path, resume=True)
+    assert [h.step for h in resumed.history] == [0, 1, 2, 3]
+    sw, sr = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sw[k], sr[k]) for k in sw)
+    with pytest.raises(lcc.ConfigError, match="other settings"):
+        lcc.compress(ref, rec, data, config=cfg, device="cpu", seed=6, state_dir=tmp_path, resume=True)

@@ -1,0 +1,214 @@
+"""Reading reference checkpoints safely, and loading user code named on the command line.
+
+Kinds: a state_dict saved with torch.save (read with weights_only=True), a .safetensors file, a
+TorchScript archive, a torch.export .pt2 program, and a whole pickled nn.Module. Unpickling
+a module runs code from the file, so it happens only with `trust=True`; a .pt2 program can
+carry pickled objects too, so without trust only its weights are read (safely).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LCError
+
+
+class CheckpointError(LCError, ValueError):
+    """A checkpoint cannot be read, or reading it would need the user's consent."""
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file gave: its kind, its floating-point tensors, and a module if it holds one."""
+
+    path: Path
+    kind: str  # "state_dict" | "safetensors" | "torchscript" | "exported" | "module"
+    state_dict: dict[str, Tensor]
+    module: nn.Module | None = None
+
+
+def _flatten(obj: Any, path: Path) -> dict[str, Tensor]:
+    """A state_dict from what torch.load gave: a tensor dict, or one nested under a usual key."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"{path}: holds no tensors by name (expected a state_dict)")
+
+
+def read_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
+    """Read a reference checkpoint; never unpickles code unless `trust`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty")
+    if head[:4] == b"PK\x03\x04":
+        return _read_zip(path, trust)
+    if path.suffix == ".safetensors" or (len(head) == 8 and _looks_like_safetensors(path, head)):
+        return _read_safetensors(path)
+    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle
+        return _read_pickle(path, trust)
+    raise CheckpointError(f"{path}: not a checkpoint (not a torch.save file, safetensors, TorchScript or .pt2)")
+
+
+def _looks_like_safetensors(path: Path, head: bytes) -> bool:
+    n = int.from_bytes(head, "little")
+    if not 2 <= n < 100_000_000:
+        return False
+    with open(path, "rb") as f:
+        f.seek(8)
+        return f.read(1) == b"{"
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return Checkpoint(path, "safetensors", load_file(str(path)))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_zip(path: Path, trust: bool) -> Checkpoint:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt archive ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt archive (member {bad} fails its checksum)")
+    if any(n.endswith("/archive_format") for n in names):
+        return _read_exported(path, names, trust)
+    if any("/code/" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - TorchScript raises many kinds
+            raise CheckpointError(f"{path}: unreadable TorchScript archive ({str(e).splitlines()[0]})") from None
+        return Checkpoint(path, "torchscript", {k: v for k, v in module.state_dict().items()}, module)
+    return _read_pickle(path, trust)
+
+
+def _read_pickle(path: Path, trust: bool) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+        if not trust:
+            raise CheckpointError(
+                f"{path}: a pickled Python object (such as a whole nn.Module); loading it runs code from "
+                "the file. Pass --trust-checkpoint if you trust its source, or save model.state_dict() "
+                "and give the model with --model") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, nn.Module):
+        return Checkpoint(path, "module", dict(obj.state_dict()), obj)
+    return Checkpoint(path, "state_dict", _flatten(obj, path))
+
+
+def _read_exported(path: Path, names: list[str], trust: bool) -> Checkpoint:
+    if trust:
+        try:
+            program = torch.export.load(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: unreadable torch.export program ({str(e).splitlines()[0]})") from None
+        module = program.module()
+        return Checkpoint(path, "exported", dict(module.state_dict()), module)
+    # without trust, read the weights only: raw bytes described by a JSON config, no unpickling
+    try:
+        from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE as dtypes
+    except ImportError:  # pragma: no cover - private name moved
+        dtypes = {}
+    state: dict[str, Tensor] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            cfg_name = next(n for n in names if n.endswith("data/weights/model_weights_config.json"))
+            prefix = cfg_name[: -len("model_weights_config.json")]
+            for fqn, entry in json.loads(z.read(cfg_name))["config"].items():
+                meta = entry["tensor_meta"]
+                if entry.get("use_pickle") or meta["dtype"] not in dtypes:
+                    raise CheckpointError(f"{path}: weight {fqn!r} of this .pt2 program is pickled; pass "
+                                          "--trust-checkpoint if you trust its source")
+                raw = bytearray(z.read(prefix + entry["path_name"]))
+                flat = torch.frombuffer(raw, dtype=dtypes[meta["dtype"]]) if raw else torch.empty(0)
+                size = [d["as_int"] for d in meta["sizes"]]
+                stride = [d["as_int"] for d in meta["strides"]]
+                state[fqn] = flat.as_strided(size, stride, meta["storage_offset"]["as_int"]).clone()
+    except (StopIteration, KeyError, TypeError, json.JSONDecodeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the weights of this .pt2 program ({e})") from None
+    return Checkpoint(path, "exported", state)
+
+
+# ----------------------------------------------------------------------------- user code
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """`FILE.py:FUNC` or `package.module:FUNC` → the function (user code the user named)."""
+    if ":" not in spec:
+        raise CheckpointError(f"{what} {spec!r} must be FILE.py:FUNC or module:FUNC")
+    target, func = spec.rsplit(":", 1)
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_file():
+                raise CheckpointError(f"{what} {spec!r}: no such file {target}")
+            name = f"_lccompress_user_{file.stem}"
+            mod_spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.path.insert(0, str(file.parent.resolve()))
+            try:
+                mod_spec.loader.exec_module(module)
+            finally:
+                sys.path.pop(0)
+        else:
+            module = importlib.import_module(target)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code can raise anything
+        raise CheckpointError(f"{what} {spec!r}: importing it failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise CheckpointError(f"{what} {spec!r}: {target} has no function {func!r}")
+    return fn
+
+
+def build_model(ckpt: Checkpoint, factory: str | None) -> nn.Module | None:
+    """The module to train: the checkpoint's own, or factory() with the checkpoint's weights loaded."""
+    if factory is None:
+        return ckpt.module
+    fn = load_callable(factory, "--model")
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"--model {factory!r} raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"--model {factory!r} returned {type(model).__name__}, not an nn.Module")
+    try:
+        missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path} does not fit --model {factory!r}: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt.path} does not fit --model {factory!r}: missing {list(missing)[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
+    return model
