@@ -8,6 +8,8 @@ or to each alone. Parameters no rule names stay dense and keep training.
 from __future__ import annotations
 
 import fnmatch
+import os
+import tomllib
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -118,6 +120,19 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return {"rules": [{"params": list(r.params), "joint": r.joint, **r.scheme.to_dict()} for r in self.rules]}
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "Recipe":
+        """A recipe in TOML: one [[rule]] table per rule, with params, scheme, its
+        hyperparameters, and optionally joint (additive terms as inline tables)."""
+        try:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such recipe file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict({"rules": d.get("rule", d.get("rules", []))})
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Recipe":

@@ -182,16 +182,17 @@ def decode_part(s: Tensor, info: Mapping[str, Any], n: int) -> Tensor:
     return torch.from_numpy(out.astype(_np_dtype(dt))).reshape(shape)
 
 
-def encode_theta(group: Group, theta: Theta) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """θ of a group as stored tensors {"<group>.<part>": tensor} and the group's manifest entry."""
+def encode_theta(group: Group, theta: Theta, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """θ of a group as stored tensors {"<group>.<part>": tensor} and the group's manifest entry;
+    `dtype` is the parameters' (default: that of θ's first floating-point part, else float32)."""
     n = group.shape.numel()
     stored, parts = {}, {}
     for key, t in theta.items():
         stored[f"{group.name}.{key}"], parts[key] = encode_part(key, t, n, levels(group.scheme, key))
-    p0 = next(iter(theta.values()), None)
+    dtype = dtype or next((t.dtype for t in theta.values() if t.is_floating_point()), torch.float32)
     entry = {
         "scheme": group.scheme.to_dict(), "params": list(group.params), "shapes": [list(s) for s in group.shapes],
-        "dtype": _dtype_name(p0.dtype) if p0 is not None and p0.is_floating_point() else "float32",
+        "dtype": _dtype_name(dtype),
         "bits": sum(t.numel() * t.element_size() * 8 for t in stored.values()),
         "scheme_bits": int(group.bits(theta)), "parts": parts,
     }
@@ -247,7 +248,7 @@ def save(path: str | os.PathLike, source: Any, thetas: Mapping[str, Theta] | Non
     for g in groups:
         if g.name not in thetas:
             raise ArtifactError(f"no θ for group {g.name!r}")
-        stored, entries[g.name] = encode_theta(g, thetas[g.name])
+        stored, entries[g.name] = encode_theta(g, thetas[g.name], sd[g.params[0]].dtype)
         for name in stored.keys() & tensors.keys():
             raise ArtifactError(f"tensor name {name!r} of group {g.name!r} clashes with another tensor")
         tensors.update(stored)
@@ -359,6 +360,8 @@ def load(path: str | os.PathLike) -> Artifact:
             full = g.scheme.decompress(th, g.shape)
             if tuple(full.shape) != tuple(g.shape):
                 raise ValueError(f"Δ(θ) has shape {tuple(full.shape)}")
+            if "U" in th and th["U"].dim() == 2 and th["U"].shape[0] != g.shape[0]:
+                raise ValueError(f"U has {th['U'].shape[0]} rows for {g.shape[0]} outputs")
         except Exception as err:
             raise ArtifactError(f"{path}: group {name!r} (scheme {g.scheme.name!r}) does not rebuild a tensor of "
                                 f"shape {tuple(g.shape)}: {err}") from None

@@ -1,0 +1,105 @@
+"""The size and accuracy report of a compression run, as JSON, Markdown or a rich table.
+
+JSON keys (stable): lccompress_version, torch_version, command, method, seed, recipe, device,
+artifact, artifact_bytes, reference_bytes, compression_ratio, metric {name, reference,
+compressed, onnx, drop}, onnx_max_rel_diff, per_class [{class, reference, compressed, delta}],
+layers [{name, params, scheme, shape, numel, summary, bits, bytes}], timings {total, lstep,
+cstep, eval}, history [{step, mu, lr, loss, gap, metric}].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .artifact.container import atomic_write
+
+
+def per_class(outputs_ref: Tensor, outputs_new: Tensor, targets: Tensor) -> list[dict[str, Any]]:
+    """Accuracy per class of the reference and of the compressed model, and the change."""
+    if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()):
+        return []
+    rows = []
+    for c in targets.unique().tolist():
+        m = targets == c
+        a = float((outputs_ref[m].argmax(-1) == c).float().mean())
+        b = float((outputs_new[m].argmax(-1) == c).float().mean())
+        rows.append({"class": int(c), "reference": a, "compressed": b, "delta": b - a})
+    return rows
+
+
+def layers(groups, thetas: Mapping[str, Mapping[str, Tensor]], size) -> list[dict[str, Any]]:
+    """One row per compressed group: scheme, shapes, summary (kept / k / rank), bits as stored."""
+    stored = {g.name: g for g in size.groups} if size is not None else {}
+    rows = []
+    for g in groups:
+        s = stored.get(g.name)
+        bits = s.stored_bits if s is not None else g.bits(thetas[g.name])
+        rows.append({"name": g.name, "params": list(g.params), "scheme": g.scheme.to_dict(),
+                     "shape": [list(x) for x in g.shapes], "numel": int(sum(x.numel() for x in g.shapes)),
+                     "summary": g.scheme.summary(thetas[g.name], g.shape), "bits": int(bits),
+                     "bytes": math.ceil(bits / 8)})
+    return rows
+
+
+def write(path: str | os.PathLike, report: Mapping[str, Any]) -> None:
+    """Write the report as JSON (.json) or Markdown (anything else), atomically."""
+    p = os.fspath(path)
+    text = json.dumps(report, indent=2, default=_default) + "\n" if p.endswith(".json") else markdown(report)
+    atomic_write(p, text.encode())
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def markdown(r: Mapping[str, Any]) -> str:
+    m = r.get("metric") or {}
+    out = [f"# lccompress report: {r.get('artifact')}", "",
+           f"- method: {r.get('method')}, seed {r.get('seed')}, device {r.get('device')}",
+           f"- artifact: {r['artifact_bytes']:,} bytes on disk; reference {r['reference_bytes']:,} bytes dense; "
+           f"ratio {r['compression_ratio']:.2f}×"]
+    if m.get("reference") is not None:
+        out.append(f"- {m.get('name', 'metric')}: reference {_pct(m.get('reference'))}, compressed "
+                   f"{_pct(m.get('compressed'))}, ONNX {_pct(m.get('onnx'))}, drop {_pct(m.get('drop'))}")
+    t = r.get("timings") or {}
+    if t:
+        out.append("- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+    out += ["", "| layer | scheme | shape | params | kept / k / rank | bits | bytes |", "|---|---|---|---|---|---|---|"]
+    for row in r.get("layers", []):
+        out.append(f"| {row['name']} | {row['scheme']['scheme']} | {' + '.join('×'.join(map(str, s)) for s in row['shape'])} "
+                   f"| {row['numel']:,} | {summary_text(row['summary'])} | {row['bits']:,} | {row['bytes']:,} |")
+    if r.get("per_class"):
+        out += ["", "| class | reference | compressed | change |", "|---|---|---|---|"]
+        out += [f"| {c['class']} | {_pct(c['reference'])} | {_pct(c['compressed'])} | {100 * c['delta']:+.2f} |"
+                for c in r["per_class"]]
+    return "\n".join(out) + "\n"
+
+
+def summary_text(s: Mapping[str, Any]) -> str:
+    if "kept" in s:
+        return f"{s['kept']:,} kept ({100 * s['density']:.2f} %)"
+    if "rank" in s:
+        return f"rank {s['rank']}"
+    if "k" in s:
+        return f"k = {s['k']}"
+    if "terms" in s:
+        return " + ".join(summary_text(t) for t in s["terms"])
+    return ""
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"lccompress_version": __version__, "torch_version": torch.__version__}

@@ -1,0 +1,310 @@
+"""The compressed safetensors container and size accounting, checked against independent truths:
+Δ(θ) from the scheme itself, a fresh interpreter, os.stat, and hand-made broken files."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+import lccompress as lc
+from lccompress.artifact import ArtifactError, load, load_into_, save, size_report, split_lowrank_
+from lccompress.artifact.container import DIGEST_KEY, META_KEY, _text_digest, delta_decode, delta_encode
+from lccompress.digits import MLP
+
+
+class ConvNet(nn.Module):
+    """1×8×8 → conv 3×3 (8) → BN → conv 3×3 pad 1 (16) → fc 576 → 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8)
+        self.conv2, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.Linear(576, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.bn(self.conv1(x))))).flatten(1))
+
+
+def make(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return MLP(), ["fc1.weight", "fc2.weight", "fc3.weight"], torch.randn(5, 64)
+    m = ConvNet()
+    m.bn.running_mean.uniform_(-1, 1), m.bn.running_var.uniform_(0.5, 2)
+    m.bn.num_batches_tracked += 7
+    return m, ["conv1.weight", "conv2.weight", "fc.weight"], torch.randn(5, 1, 8, 8)
+
+
+SCHEMES = {  # name: (scheme, joint)
+    "prune": (lc.Prune(keep=0.1), False),
+    "prune_joint": (lc.Prune(keep=0.05), True),
+    "l1_ball": (lc.L1Ball(radius=3.0), False),
+    "l0_penalty": (lc.L0Penalty(alpha=1.25e-6), False),  # threshold √(2α/μ₀) = 0.05
+    "l1_penalty_empty": (lc.L1Penalty(alpha=1.0), False),  # threshold 1000: nothing kept
+    "codebook": (lc.Codebook(k=4), False),
+    "codebook_joint": (lc.Codebook(k=5), True),
+    "fixed_codebook": (lc.FixedCodebook((-0.05, 0.0, 0.05)), False),
+    "binarize": (lc.Binarize(), True),
+    "scaled_binarize": (lc.ScaledBinarize(), False),
+    "scaled_ternary": (lc.ScaledTernary(), False),
+    "lowrank": (lc.LowRank(rank=2), False),
+    "rank_selection": (lc.RankSelection(alpha=1e-6), False),
+    "additive": (lc.Additive((lc.Codebook(k=2), lc.Prune(keep=0.05))), False),
+    "additive_lowrank": (lc.Additive((lc.LowRank(rank=2), lc.Prune(keep=0.02))), False),
+}
+
+
+def dc(kind, name):
+    model, params, x = make(kind)
+    scheme, joint = SCHEMES[name]
+    recipe = lc.Recipe.single(params, scheme, joint=joint)
+    return model, recipe, lc.compress(model, recipe, method="dc", device="cpu"), x
+
+
+def truth(result):
+    """Δ(θ) per compressed parameter, straight from the schemes."""
+    out = {}
+    for g in result.groups:
+        full = g.scheme.decompress(result.thetas[g.name], g.shape)
+        out.update(g.scatter(full))
+    return out
+
+
+def same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_round_trip_is_exact(tmp_path, kind, name):
+    model, recipe, res, _ = dc(kind, name)
+    path = tmp_path / "m.safetensors"
+    save(path, res, recipe=recipe)
+    thetas, groups, sd = load(path)
+    want = truth(res)
+    dense = {k: v for k, v in model.state_dict().items() if k not in want}
+    assert sd.keys() == want.keys() | dense.keys()
+    for k, v in want.items():
+        assert same(sd[k], v.detach()), k
+    for k, v in dense.items():
+        assert same(sd[k], v), k
+    assert [g.name for g in groups] == [g.name for g in res.groups]
+    for g, g0 in zip(groups, res.groups):
+        assert g.scheme == g0.scheme and g.params == g0.params and g.shapes == g0.shapes
+        assert thetas[g.name].keys() == res.thetas[g.name].keys()
+        assert all(same(thetas[g.name][k], v) for k, v in res.thetas[g.name].items())
+    assert load(path).recipe == recipe
+    fresh = make(kind)[0]
+    load_into_(fresh, path)
+    assert all(same(fresh.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_read_back_in_a_fresh_interpreter(tmp_path):
+    _, _, res, _ = dc("conv", "additive")
+    path, out = tmp_path / "m.safetensors", tmp_path / "sd.safetensors"
+    save(path, res)
+    code = ("import sys, safetensors.torch; from lccompress.artifact import load; "
+            "safetensors.torch.save_file(load(sys.argv[1]).state_dict, sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, timeout=60)
+    sd = safetensors.torch.load_file(out)
+    for k, v in truth(res).items():
+        assert same(sd[k], v.detach()), k
+
+
+def test_plain_safetensors_readers_open_it(tmp_path):
+    _, _, res, _ = dc("mlp", "codebook")
+    save(tmp_path / "m.safetensors", res)
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert {"fc1.bias", "fc1.weight.codes", "fc1.weight.codebook"} <= keys and "fc1.weight" not in keys
+    m = json.loads(meta[META_KEY])
+    assert m["lccompress_version"] == lc.__version__ and m["groups"]["fc1.weight"]["parts"]["codes"]["enc"] == "bitpack"
+
+
+def test_delta_coding_with_escapes():
+    idx = torch.tensor([0, 1, 254, 255, 600, 100_000, 100_001, 5_000_000]).numpy()
+    for dt in ("uint8", "uint16", "uint32"):
+        enc = delta_encode(idx, getattr(__import__("numpy"), dt))
+        assert (delta_decode(enc) == idx).all()
+
+
+def test_split_lowrank_layers_are_smaller_and_agree(tmp_path):
+    for kind in ("mlp", "conv"):
+        model, _, res, x = dc(kind, "lowrank")
+        path = tmp_path / f"{kind}.safetensors"
+        save(path, res)
+        dense = load_into_(make(kind)[0], path).eval()
+        split = load_into_(make(kind)[0], path, split_lowrank=True).eval()
+        names = [g.params[0].rpartition(".")[0] for g in res.groups]
+        assert all(isinstance(split.get_submodule(n), nn.Sequential) for n in names)
+        assert sum(p.numel() for p in split.parameters()) < sum(p.numel() for p in dense.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(split(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_split_skips_layers_it_cannot_shrink():
+    model = nn.Sequential(nn.Linear(4, 4))
+    g = lc.Recipe.single("0.weight", lc.LowRank(rank=3)).groups(model)
+    th = {g[0].name: g[0].compress(dict(model.named_parameters()))}
+    assert split_lowrank_(model, th, g) == [] and isinstance(model[0], nn.Linear)  # 3·8 ≥ 16
+
+
+# ----------------------------------------------------------------------------- sizes
+def _big(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1000, 1000))
+    w = model[0].weight
+    if name.startswith("k="):  # a θ of k codes, built directly (k-means on 10⁶ weights is slow)
+        k = int(name[2:])
+        scheme = lc.Codebook(k=k)
+        th = {"codebook": torch.sort(torch.randn(k)).values, "codes": torch.randint(0, k, w.shape, dtype=torch.uint8)}
+    else:
+        scheme = {"keep 10%": lc.Prune(keep=0.1), "keep 1%": lc.Prune(keep=0.01), "rank 32": lc.LowRank(rank=32)}[name]
+        th = scheme.compress(w.detach())
+    groups = lc.Recipe.single("0.weight", scheme).groups(model)
+    return model, {"0.weight": th}, groups
+
+
+@pytest.mark.parametrize("name", ["keep 10%", "keep 1%", "k=2", "k=16", "rank 32"])
+def test_file_size_matches_accounted_bits(tmp_path, name):
+    model, thetas, groups = _big(name)
+    path = tmp_path / "big.safetensors"
+    save(path, model, thetas, groups)
+    accounted = groups[0].scheme.bits(thetas["0.weight"], groups[0].shape) / 8
+    on_disk = os.stat(path).st_size
+    assert abs(on_disk - accounted) <= 0.02 * accounted + 16 * 1024, (on_disk, accounted)
+    rep = size_report(path)
+    assert rep.file_bytes == on_disk == rep.header_bytes + rep.payload_bits // 8
+    assert rep.dense_tensor_bits == 1000 * 32  # the bias
+    assert size_report(thetas, groups, state_dict=model.state_dict()).payload_bits == rep.payload_bits
+    g = rep.groups[0]
+    assert g.scheme_bits == accounted * 8 and g.dense_bits == 32 * 10**6 and g.numel == 10**6
+
+
+# ----------------------------------------------------------------------------- broken files
+@pytest.fixture
+def artifact(tmp_path):
+    _, recipe, res, _ = dc("mlp", "codebook")
+    path = tmp_path / "m.safetensors"
+    save(path, res, recipe=recipe)
+    return path
+
+
+def _rewrite(path, edit_manifest=None, edit_tensors=None):
+    """Re-save with an edited manifest or tensors, recomputing the manifest checksum: an
+    internally consistent file from a faulty writer."""
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    m = json.loads(meta[META_KEY])
+    if edit_manifest:
+        edit_manifest(m)
+    if edit_tensors:
+        edit_tensors(tensors)
+    text = json.dumps(m)
+    safetensors.torch.save_file(tensors, path, metadata={META_KEY: text, DIGEST_KEY: _text_digest(text)})
+
+
+def _raises(path, match, fn=load):
+    with pytest.raises(ArtifactError, match=match) as e:
+        fn(path)
+    assert isinstance(e.value, lc.LCError) and "\n" not in str(e.value)
+
+
+def test_truncated_file(artifact):
+    data = artifact.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 100, 4):
+        artifact.write_bytes(data[:cut])
+        _raises(artifact, "not a readable safetensors file")
+
+
+def test_tampered_payload(artifact):
+    data = bytearray(artifact.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes
+    artifact.write_bytes(bytes(data))
+    _raises(artifact, "fails its checksum")
+
+
+def test_tampered_manifest(artifact):
+    data = artifact.read_bytes()
+    i = data.index(b'\\"shapes\\":[[300,64]]')  # JSON inside the JSON header
+    artifact.write_bytes(data[:i] + data[i:].replace(b"[[300,64]]", b"[[300,65]]", 1))
+    _raises(artifact, "manifest fails its checksum")
+
+
+def test_manifest_names_a_missing_tensor(artifact):
+    _rewrite(artifact, edit_tensors=lambda t: t.pop("fc2.weight.codes"))
+    _raises(artifact, "'fc2.weight.codes', which is not in the file")
+
+
+def test_tensor_not_in_manifest(artifact):
+    _rewrite(artifact, edit_tensors=lambda t: t.update(extra=torch.zeros(3)))
+    _raises(artifact, "'extra' is in the file but not in the manifest")
+
+
+def test_wrong_shape_in_manifest(artifact):
+    def edit(m):
+        m["groups"]["fc1.weight"]["shapes"] = [[300, 65]]
+    _rewrite(artifact, edit_manifest=edit)
+    _raises(artifact, r"group 'fc1\.weight'.*does not rebuild a tensor of shape \(300, 65\)")
+
+
+def test_wrong_tensor_shape(artifact):
+    from lccompress.artifact.container import _digest
+
+    short = torch.sort(torch.randn(3)).values  # a 3-entry codebook where the manifest says 4
+
+    def edit(m):
+        m["digests"]["fc1.weight.codebook"] = _digest(short)
+    _rewrite(artifact, edit_manifest=edit, edit_tensors=lambda t: t.update({"fc1.weight.codebook": short}))
+    _raises(artifact, r"'fc1\.weight\.codebook' is float32 \(3,\), the manifest says float32 \(4,\)")
+
+
+def test_model_of_the_wrong_shape(artifact):
+    _raises(artifact, r"fc1\.weight.*\(300, 64\).*\(300, 65\)", lambda p: load_into_(MLP((65, 300, 100, 10)), p))
+    _raises(artifact, "does not fit the model", lambda p: load_into_(ConvNet(), p))
+
+
+def test_unknown_scheme(artifact):
+    def edit(m):
+        m["groups"]["fc2.weight"]["scheme"]["scheme"] = "zip"
+    _rewrite(artifact, edit_manifest=edit)
+    _raises(artifact, "group 'fc2.weight'.*unknown scheme 'zip'")
+
+
+def test_newer_format_and_foreign_files(artifact, tmp_path):
+    _rewrite(artifact, edit_manifest=lambda m: m.update(format_version=99))
+    _raises(artifact, "format_version 99")
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, plain)
+    _raises(plain, "not an lccompress artifact")
+
+
+def test_write_is_atomic(artifact, monkeypatch):
+    before = artifact.read_bytes()
+    _, _, res, _ = dc("mlp", "prune")
+
+    def boom(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save(artifact, res)
+    assert artifact.read_bytes() == before and os.listdir(artifact.parent) == [artifact.name]
+    with pytest.raises(ArtifactError, match="no θ for group"):
+        save(artifact, res.model, {}, res.groups)
+
+
+def test_float64_model_keeps_its_dtype(tmp_path):
+    model = MLP().double()
+    recipe = lc.Recipe((lc.Rule(("fc1.weight",), lc.Binarize()), lc.Rule(("fc2.weight",), lc.Prune(keep=0.1))))
+    res = lc.compress(model, recipe, method="dc", device="cpu")
+    save(tmp_path / "m.safetensors", res)
+    sd = load(tmp_path / "m.safetensors").state_dict
+    assert all(same(sd[k], v) for k, v in res.model.state_dict().items())
