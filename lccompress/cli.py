@@ -82,8 +82,8 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--metric", default="accuracy", show_default=True, help="accuracy | FILE.py:FUNC."),
         click.option("--include", multiple=True, help="Glob of parameters to compress (repeatable)."),
         click.option("--exclude", multiple=True, help="Glob of parameters to leave dense (repeatable)."),
-        click.option("--method", type=click.Choice(["dc", "idc", "lc", "finetune"]),
-                     help="Default: lc with --data, dc without."),
+        click.option("--method", type=click.Choice(["dc", "idc", "lc", "finetune", "sfw", "fw-grow"]),
+                     help="Default: lc with --data, dc without. sfw: Frank-Wolfe refinement, then one-shot."),
         click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="LC / iDC steps."),
         click.option("--epochs", type=click.IntRange(min=0), default=5, show_default=True, help="Epochs per L step."),
         click.option("--first-epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Epochs of the first L step."),
@@ -272,6 +272,130 @@ def check(artifact: str, max_bytes: str | None, max_drop: float | None, referenc
             click.echo(f"{mark} {c['budget']}: {c['value']} (limit {c['limit']}" +
                        ("" if c["ok"] else f", over by {c['over']}") + ")")
     sys.exit(0 if res["ok"] else 1)
+
+
+def _levels(text: str, kind: str) -> list:
+    try:
+        vals = [float(x) if kind == "keep" else int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--{kind} {text!r}: give comma-separated {'fractions' if kind == 'keep' else 'integers'}") from None
+    if kind == "keep":
+        for v in vals:
+            fraction(str(v))
+    return vals
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--keep", help="Fractions to keep, e.g. 0.5,0.2,0.1,0.05,0.02 (one global top-k each).")
+@click.option("--bits", help="Codebook bits per weight, e.g. 1,2,4.")
+@click.option("--rank", help="Ranks, e.g. 4,8,16.")
+@click.option("--method", "methods", default="dc,lc,sfw", show_default=True, help="Methods, comma-separated.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="sweep", show_default=True,
+              help="Directory for the artifacts, curve.json and curve.svg.")
+@click.option("--model", "model_spec", help="Model factory FILE.py:FUNC or module:FUNC.")
+@click.option("--data", "data_spec", required=True, help='Data FILE.py:FUNC returning {"train": ..., "eval": ...}.')
+@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="LC steps.")
+@click.option("--epochs", type=click.IntRange(min=0), default=5, show_default=True, help="Epochs per L step.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled module.")
+@guarded
+def sweep(ckpt: str, keep: str | None, bits: str | None, rank: str | None, methods: str, out_dir: str,
+          model_spec: str | None, data_spec: str, steps: int, epochs: int, device: str, seed: int,
+          trust_checkpoint: bool) -> None:
+    """Trade-off curve: each level by each method; writes artifacts, curve.json and curve.svg.
+
+    Example: lccompress sweep ckpt.pt --keep 0.5,0.2,0.1,0.05,0.02 --method dc,lc,sfw --model net.py:make --data data.py:loaders -o curve/
+    """
+    from .checkpoint import build_model, read_checkpoint
+    from .lc import LCConfig
+    from .pipeline import load_data
+    from .sweep import sweep as run_sweep
+
+    given = [(k, v) for k, v in (("keep", keep), ("bits", bits), ("rank", rank)) if v]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --keep, --bits or --rank")
+    kind, text = given[0]
+    model = build_model(read_checkpoint(ckpt, trust=trust_checkpoint), model_spec)
+    if model is None:
+        raise ConfigError(f"{ckpt} holds weights only; the sweep trains: give --model FILE.py:FUNC")
+    res = run_sweep(model, load_data(data_spec), kind, _levels(text, kind), methods.split(","), out_dir,
+                    config=LCConfig(steps=steps, epochs=epochs), device=device, seed=seed,
+                    callback=lambda m, lv, p: err_console.print(
+                        f"{m} {kind} {lv}: error {p['error']:.2f} %, {p['bytes']:,} bytes", highlight=False))
+    click.echo(f"wrote {Path(out_dir) / 'curve.json'} and {Path(out_dir) / 'curve.svg'}")
+    return res
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path())
+@click.option("--keep", required=True, help="Nested fractions to keep, decreasing, e.g. 0.5,0.2,0.1,0.05.")
+@click.option("--per-layer", is_flag=True, help="Rank weights per layer (default: over all layers).")
+@click.option("--structure", type=click.Choice(["weight", "filter"]), default="weight", show_default=True,
+              help="Units that survive or not: single weights, or whole filters / rows.")
+@click.option("--method", type=click.Choice(["none", "sfw"]), default="none", show_default=True,
+              help="sfw: Frank-Wolfe refinement first, so every level stays accurate without retraining.")
+@click.option("--include", multiple=True, help="Glob of parameters to compress (repeatable).")
+@click.option("--exclude", multiple=True, help="Glob of parameters to leave dense (repeatable).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The multi-level .safetensors file.")
+@click.option("--model", "model_spec", help="Model factory (needed for --method sfw).")
+@click.option("--data", "data_spec", help="Data function (needed for --method sfw).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled module.")
+@guarded
+def multilevel(ckpt: str, keep: str, per_layer: bool, structure: str, method: str, include: tuple[str, ...],
+               exclude: tuple[str, ...], out: str, model_spec: str | None, data_spec: str | None, seed: int,
+               trust_checkpoint: bool) -> None:
+    """One file, many nested sparsity levels: the weights once plus a level id per weight.
+
+    Example: lccompress multilevel ckpt.pt --keep 0.5,0.2,0.1,0.05 --method sfw --model net.py:make --data data.py:loaders -o multi.safetensors
+    """
+    from .checkpoint import build_model, read_checkpoint
+    from .multilevel import build_levels, levels_summary, save_multilevel
+    from .pipeline import _check_out, load_data, select, state_module
+
+    _check_out(Path(out))
+    ck = read_checkpoint(ckpt, trust=trust_checkpoint)
+    model = build_model(ck, model_spec)
+    subject = model if model is not None else state_module(ck.state_dict)
+    names = select(subject, model is not None, include, exclude)
+    keeps = _levels(keep, "keep")
+    if method == "sfw":
+        if model is None or not data_spec:
+            raise ConfigError("--method sfw trains: give --model and --data")
+        from .fw import SFW_DEFAULTS, KSparsePolytope, sfw_refine
+
+        subject = sfw_refine(model, load_data(data_spec), {tuple(names): KSparsePolytope(k=min(keeps))},
+                             seed=seed, device="cpu", **SFW_DEFAULTS)
+    levels = build_levels(subject, names, keeps, scope="layer" if per_layer else "global", structure=structure)
+    size = save_multilevel(out, subject, levels)
+    click.echo(f"wrote {out}: {size:,} bytes, levels " +
+               ", ".join(f"{r['level']} (keep {r['keep']})" for r in levels_summary(out)))
+
+
+@main.command()
+@click.argument("multi", type=click.Path())
+@click.option("--level", required=True, type=click.IntRange(min=0), help="Level to extract (0 = dense).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Single-level .safetensors artifact.")
+@click.option("--model", "model_spec", help="With --data: recalibrate BatchNorm statistics for this level.")
+@click.option("--data", "data_spec", help="Data function whose train loader recalibrates BatchNorm.")
+@guarded
+def extract(multi: str, level: int, out: str, model_spec: str | None, data_spec: str | None) -> None:
+    """Extract one level of a multi-level file as a compressed artifact, no retraining.
+
+    Example: lccompress extract multi.safetensors --level 3 -o level3.safetensors
+    """
+    from .multilevel import extract_artifact
+    from .pipeline import _check_out, _factory, load_data
+
+    _check_out(Path(out))
+    if not Path(multi).exists():
+        raise ConfigError(f"{multi}: no such file")
+    model = _factory(model_spec) if model_spec else None
+    loader = load_data(data_spec)["train"] if data_spec else None
+    size = extract_artifact(multi, level, out, model=model, loader=loader)
+    click.echo(f"wrote {out}: {size:,} bytes")
 
 
 @main.command()

@@ -37,7 +37,7 @@ from .train import Guard, LossFn, MetricFn, accuracy, cross_entropy, evaluate, t
 
 log = logging.getLogger("lccompress")
 
-METHODS = ("dc", "idc", "lc", "finetune")
+METHODS = ("dc", "idc", "lc", "finetune", "sfw", "fw-grow")
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,12 @@ def compress(
     state_dir: str | Path | None = None,
     resume: bool = False,
 ) -> Result:
-    """Compress a trained model by `method` ("dc", "idc", "lc" or "finetune"); the input model is not changed.
+    """Compress a trained model by `method`; the input model is not changed.
+
+    Methods: "dc", "idc", "lc", "finetune"; "sfw" (stochastic Frank-Wolfe refinement inside the
+    recipe's matching norm balls, `fw.SFW_DEFAULTS`, then one-shot DC); "fw-grow" (pruning recipes
+    only: the compressed weights grow from zero by Frank-Wolfe on the distillation loss against
+    the model, at most κ non-zeros by construction, then DC, which keeps them all).
 
     `data` is a training DataLoader or {"train": ..., "eval": ...}; "dc" needs none. Each batch is
     (inputs, targets). `loss(output, target)` defaults to cross-entropy and `metric(outputs,
@@ -218,6 +223,8 @@ def compress(
     if method != "dc" and "train" not in data and lstep is None:
         raise ConfigError(f"method {method!r} trains, so it needs training data (or an lstep function)")
     dev = resolve_device(device)
+    if method in ("sfw", "fw-grow"):
+        return _frank_wolfe(model, recipe, data, method, config, loss, metric, lstep, dev, seed)
     run = _Run(_copy_module(model).to(dev), recipe, data, config, loss or cross_entropy,
                metric or accuracy, lstep, dev, callback)
     if state_dir is not None:
@@ -226,6 +233,31 @@ def compress(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return getattr(run, method)()
+
+
+def _frank_wolfe(model, recipe, data, method, config, loss, metric, lstep, device, seed) -> Result:
+    """method "sfw" / "fw-grow": Frank-Wolfe training (lccompress.fw), then one-shot DC."""
+    from .fw import GROW_DEFAULTS, SFW_DEFAULTS, constraints_for, fw_grow, sfw_refine
+    from .schemes import Prune
+
+    if lstep is not None:
+        raise ConfigError(f"method {method!r} trains with its own Frank-Wolfe steps; lstep= does not apply")
+    t = time.perf_counter()
+    if method == "sfw":
+        trained = sfw_refine(model, data, constraints_for(recipe, model), loss=loss, device=device, seed=seed,
+                             **SFW_DEFAULTS)
+    else:
+        groups = recipe.groups(model)
+        if len(groups) != 1 or not isinstance(groups[0].scheme, Prune):
+            raise ConfigError("fw-grow grows one sparse constraint: give a single pruning rule (joint for several layers)")
+        count = groups[0].scheme.kappa(groups[0].shape.numel())
+        trained = fw_grow(model, model, data, count=count, params=list(groups[0].params), device=device,
+                          seed=seed, **GROW_DEFAULTS)
+    seconds = time.perf_counter() - t
+    r = compress(trained, recipe, data, method="dc", config=config, metric=metric, device=device, seed=seed)
+    r.method = method
+    r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
+    return r
 
 
 def _copy_module(model: nn.Module) -> nn.Module:

@@ -1,7 +1,6 @@
 """The compressed safetensors container and size accounting, checked against independent truths:
 Δ(θ) from the scheme itself, a fresh interpreter, os.stat, and hand-made broken files."""
 
-import copy
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from torch import nn
 
 import lccompress as lc
 from lccompress.artifact import ArtifactError, load, load_into_, save, size_report, split_lowrank_
-from lccompress.artifact.container import DIGEST_KEY, META_KEY, _text_digest, delta_decode, delta_encode
+from lccompress.artifact.container import META_KEY, delta_decode, delta_encode, seal, unseal
 from lccompress.digits import MLP
 
 
@@ -203,13 +202,13 @@ def _rewrite(path, edit_manifest=None, edit_tensors=None):
     internally consistent file from a faulty writer."""
     with safe_open(path, framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    m = json.loads(meta[META_KEY])
+    m = json.loads(unseal(meta[META_KEY]))
     if edit_manifest:
         edit_manifest(m)
     if edit_tensors:
         edit_tensors(tensors)
     text = json.dumps(m)
-    safetensors.torch.save_file(tensors, path, metadata={META_KEY: text, DIGEST_KEY: _text_digest(text)})
+    safetensors.torch.save_file(tensors, path, metadata={META_KEY: seal(text)})
 
 
 def _raises(path, match, fn=load):

@@ -259,3 +259,32 @@ def test_demo_runs_end_to_end(tmp_path):
     r = run("demo", "--out-dir", tmp_path, "--steps", "2")
     assert (tmp_path / "digits_mlp.onnx").exists() and (tmp_path / "report.md").exists()
     assert "accuracy: reference" in r.output
+
+
+def test_multilevel_extract_and_sweep(fx, tmp_path):
+    from lccompress.artifact import load
+    from lccompress.multilevel import extract as extract_level
+
+    multi = tmp_path / "multi.safetensors"
+    run("multilevel", fx["ckpt"], "--keep", "0.5,0.2,0.1", "-o", multi)
+    ref = torch.load(fx["ckpt"], weights_only=True)
+    flat = torch.cat([ref[f"fc{i}.weight"].reshape(-1) for i in (1, 2, 3)])
+    for level, keep in ((1, 0.5), (3, 0.1)):
+        out = tmp_path / f"l{level}.safetensors"
+        run("extract", multi, "--level", level, "-o", out)
+        sd = load(out).state_dict
+        got = torch.cat([sd[f"fc{i}.weight"].reshape(-1) for i in (1, 2, 3)])
+        # the same as a single-level global magnitude prune at that fraction (brute force: torch.topk)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.topk(flat.abs(), round(keep * flat.numel())).indices] = True
+        assert torch.equal(got, torch.where(mask, flat, 0.0))
+        assert all(torch.equal(sd[k], v) for k, v in extract_level(multi, level).items())
+    assert run("extract", multi, "--level", "9", "-o", tmp_path / "x.safetensors", ok=False).exit_code != 0
+    sweep_dir = tmp_path / "sw"
+    run("sweep", fx["ckpt"], "--keep", "0.2,0.05", "--method", "dc,lc", "--model", fx["model"], "--data",
+        fx["data"], "-o", sweep_dir, "--steps", "2", "--epochs", "1")
+    curve = json.loads((sweep_dir / "curve.json").read_text())
+    assert [p["level"] for p in curve["lc"]] == [0.2, 0.05]
+    for p in curve["dc"] + curve["lc"]:
+        assert p["bytes"] == os.stat(sweep_dir / p["artifact"]).st_size
+    assert (sweep_dir / "curve.svg").read_text().lstrip().startswith("<svg")

@@ -41,7 +41,7 @@ from ..schemes.base import Scheme, Theta, code_bits, scheme_from_dict
 FORMAT = "lccompress.artifact"
 FORMAT_VERSION = 1
 META_KEY = "lccompress"
-DIGEST_KEY = "lccompress.digest"
+DIGEST_FIELD = ',"manifest_digest":"'
 _CHUNK = 1 << 20  # elements per bit-packing chunk, a multiple of 8 so chunks end on whole bytes
 _UINTS = (np.uint8, np.uint16, np.uint32)
 
@@ -214,7 +214,8 @@ def _text_digest(s: str) -> str:
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write a temp file in path's directory, fsync it, then os.replace: never a half-written file."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    folder, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -236,7 +237,9 @@ def save(path: str | os.PathLike, source: Any, thetas: Mapping[str, Theta] | Non
     `groups`. Parameters in groups are stored as θ only; every other state_dict entry dense.
     """
     if isinstance(source, Result):
-        source, thetas, groups = source.model, source.thetas if thetas is None else thetas, source.groups if groups is None else groups
+        thetas = source.thetas if thetas is None else thetas
+        groups = source.groups if groups is None else groups
+        source = source.model
     if thetas is None or groups is None:
         raise ArtifactError("save needs thetas and groups (or a Result)")
     sd = source.state_dict() if isinstance(source, nn.Module) else dict(source)
@@ -258,7 +261,7 @@ def save(path: str | os.PathLike, source: Any, thetas: Mapping[str, Theta] | Non
                 "recipe": recipe.to_dict() if recipe is not None else None, "groups": entries,
                 "digests": {k: _digest(v) for k, v in tensors.items()}}
     text = json.dumps(manifest, separators=(",", ":"))
-    data = safetensors.torch.save(tensors, metadata={META_KEY: text, DIGEST_KEY: _text_digest(text)})
+    data = safetensors.torch.save(tensors, metadata={META_KEY: seal(text)})
     atomic_write(path, data)
     return len(data)
 
@@ -281,18 +284,36 @@ class Artifact:
         return iter((self.thetas, self.groups, self.state_dict))
 
 
+def seal(text: str) -> str:
+    """The manifest JSON with its own checksum appended as a last field. One metadata key only:
+    safetensors writes its metadata from a hash map, so several keys come out in random order
+    and the same artifact would not always be the same bytes."""
+    return text[:-1] + f'{DIGEST_FIELD}{_text_digest(text)}"}}'
+
+
+def unseal(value: str) -> str | None:
+    """The manifest JSON without its checksum field, or None when the checksum does not match."""
+    i = value.rfind(DIGEST_FIELD)
+    if i < 0 or not value.endswith('"}'):
+        return None
+    text = value[:i] + "}"
+    return text if value[i + len(DIGEST_FIELD):-2] == _text_digest(text) else None
+
+
 def read_manifest(meta: Mapping[str, str] | None, path: Any) -> dict[str, Any]:
     """The manifest in safetensors metadata, checked for format and version."""
     if not meta or META_KEY not in meta:
         raise ArtifactError(f"{path} has no lccompress manifest (__metadata__[{META_KEY!r}]); it is not an lccompress artifact")
-    if meta.get(DIGEST_KEY) != _text_digest(meta[META_KEY]):
+    text = unseal(meta[META_KEY])
+    if text is None:
         raise ArtifactError(f"{path}: the manifest fails its checksum; the file is corrupted or was changed")
     try:
-        m = json.loads(meta[META_KEY])
+        m = json.loads(text)
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: the manifest is not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: the manifest's format is {m.get('format') if isinstance(m, dict) else m!r}, expected {FORMAT!r}")
+        got = m.get("format") if isinstance(m, dict) else m
+        raise ArtifactError(f"{path}: the manifest's format is {got!r}, expected {FORMAT!r}")
     v = m.get("format_version")
     if not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {v!r} is not supported (this lccompress reads 1..{FORMAT_VERSION})")
@@ -430,7 +451,8 @@ def split_lowrank_(model: nn.Module, thetas: Mapping[str, Theta], groups: list[G
             continue
         kw = {"device": mod.weight.device, "dtype": mod.weight.dtype}
         if type(mod) is nn.Linear:
-            first, second = nn.Linear(mod.in_features, r, bias=False, **kw), nn.Linear(r, m, bias=mod.bias is not None, **kw)
+            first = nn.Linear(mod.in_features, r, bias=False, **kw)
+            second = nn.Linear(r, m, bias=mod.bias is not None, **kw)
         elif type(mod) is nn.Conv2d and mod.groups == 1:
             first = nn.Conv2d(mod.in_channels, r, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
                               bias=False, padding_mode=mod.padding_mode, **kw)

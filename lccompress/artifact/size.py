@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from ..recipe import Group
-from ..schemes.base import Theta
 from .container import META_KEY, ArtifactError, encode_theta, read_manifest
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,

@@ -1,0 +1,290 @@
+"""One checkpoint, many levels: nested compression levels in a single safetensors file.
+
+The file holds the weights once plus, per unit (a weight, a filter = a row of the (out, in·kh·kw)
+matrix, or a singular triplet), the highest level at which it survives as a uint8 `level id`.
+Levels j = 1 … L keep the fractions keeps[0] > keeps[1] > … of the units; level 0 is the dense
+model. Level j keeps exactly the units with id ≥ j, and the sets are nested, so extraction is a
+mask (no retraining):
+
+    <name>              every state_dict entry, dense, as is (for structure="rank" the compressed
+                        weights are stored as their SVD instead: <name>.U (m, q), <name>.S (q,),
+                        <name>.Vh (q, n), q = min(m, n), and W = U·diag(S)·Vh)
+    <name>.level        uint8 level ids: weight's shape ("weight"), (out,) ("filter"), (q,) ("rank")
+    __metadata__["lccompress.multilevel"]   JSON: format, version, structure, scope, the levels
+                        [{"level": j, "keep": keeps[j−1]}], per parameter its shape
+
+Within a scope (all parameters together, "global", or each alone, "layer") the units are ranked
+by score (|w|, row ℓ2 norm, σ), ties by position; level j keeps the first κⱼ = max(1, round(keepⱼ·N)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .artifact.container import atomic_write
+from .errors import ConfigError
+from .train import split_batch
+
+FORMAT = "lccompress.multilevel"
+FORMAT_VERSION = 1
+META_KEY = "lccompress.multilevel"
+STRUCTURES = ("weight", "filter", "rank")
+SUFFIXES = (".level", ".U", ".S", ".Vh")
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Nested levels: per parameter, the uint8 id of the last level each unit survives."""
+
+    keeps: tuple[float, ...]
+    ids: dict[str, Tensor]
+    structure: str = "weight"
+    scope: str = "global"
+
+    def mask(self, name: str, level: int) -> Tensor:
+        """Boolean mask of the units of `name` kept at `level` (all of them at level 0)."""
+        _check_level(level, len(self.keeps))
+        return self.ids[name] >= level
+
+
+def _check_level(level: Any, n: int) -> None:
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= n:
+        raise ConfigError(f"level={level!r} must be an integer in 0…{n} (0 = dense)")
+
+
+def _matrix(w: Tensor) -> Tensor:
+    if w.dim() < 2:
+        raise ConfigError(f"structure 'filter' / 'rank' needs ≥ 2-D weights, got shape {tuple(w.shape)}")
+    return w.reshape(w.shape[0], -1)
+
+
+def _scores(w: Tensor, structure: str) -> Tensor:
+    """One score per unit, in the unit order of the level ids."""
+    w = w.detach().double()
+    if structure == "weight":
+        return w.abs().reshape(-1)
+    if structure == "filter":
+        return _matrix(w).norm(dim=1)
+    return torch.linalg.svdvals(_matrix(w))
+
+
+def _ids(scores: Tensor, kappas: Sequence[int]) -> Tensor:
+    """uint8 id per unit: the number of levels whose top-κ (by score, ties by position) holds it."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    ids = torch.zeros(order.numel(), dtype=torch.uint8, device=order.device)
+    for kappa in kappas:
+        ids += (pos < kappa).to(torch.uint8)
+    return ids
+
+
+def build_levels(
+    model: nn.Module,
+    params: str | Sequence[str],
+    keeps: Sequence[float] = (0.5, 0.2, 0.1, 0.05),
+    *,
+    scope: str = "global",
+    structure: str = "weight",
+) -> Levels:
+    """Nested magnitude levels: level j keeps the fraction keeps[j−1] of the units of `params`,
+    ranked over all of them ("global") or per tensor ("layer"); keeps strictly decreasing."""
+    if structure not in STRUCTURES:
+        raise ConfigError(f"structure={structure!r} must be one of {', '.join(STRUCTURES)}")
+    if scope not in ("global", "layer"):
+        raise ConfigError(f"scope={scope!r} must be 'global' or 'layer'")
+    keeps = tuple(keeps)
+    if not keeps or len(keeps) > 255:
+        raise ConfigError(f"keeps={list(keeps)!r} must hold 1 to 255 fractions")
+    for a in keeps:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
+            raise ConfigError(f"keep {a!r} in keeps must be a fraction in (0, 1]")
+    if any(b >= a for a, b in zip(keeps, keeps[1:])):
+        raise ConfigError(f"keeps={list(keeps)!r} must be strictly decreasing (nested levels)")
+    named = dict(model.named_parameters())
+    names = [params] if isinstance(params, str) else list(params)
+    for n in names:
+        if n not in named:
+            raise ConfigError(f"{n!r} is not a parameter; parameters are: {', '.join(named)}")
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError(f"params={names!r} must name distinct parameters")
+    scores = {n: _scores(named[n], structure) for n in names}
+    kappa = lambda N: [max(1, min(N, round(a * N))) for a in keeps]  # noqa: E731
+    if scope == "layer":
+        flat = {n: _ids(s, kappa(s.numel())) for n, s in scores.items()}
+    else:
+        allv = torch.cat([scores[n] for n in names])
+        split = torch.split(_ids(allv, kappa(allv.numel())), [scores[n].numel() for n in names])
+        flat = dict(zip(names, split))
+    ids = {n: (t.reshape(named[n].shape) if structure == "weight" else t).cpu() for n, t in flat.items()}
+    return Levels(keeps, ids, structure, scope)
+
+
+def save_multilevel(path: str | os.PathLike, model: nn.Module, levels: Levels) -> int:
+    """Write the model's state_dict once plus the level ids (atomically: temp file + os.replace);
+    returns the bytes written."""
+    sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    tensors: dict[str, Tensor] = {}
+    shapes = {}
+    for n, ids in levels.ids.items():
+        if n not in sd:
+            raise ConfigError(f"levels name {n!r}, which is not in the model's state_dict")
+        for s in SUFFIXES:
+            if n + s in sd:
+                raise ConfigError(f"state_dict entry {n + s!r} clashes with the level tensors of {n!r}")
+        w = sd[n]
+        shapes[n] = list(w.shape)
+        if levels.structure == "rank":
+            U, S, Vh = torch.linalg.svd(_matrix(w), full_matrices=False)
+            tensors.update({f"{n}.U": U.contiguous(), f"{n}.S": S.contiguous(), f"{n}.Vh": Vh.contiguous()})
+            del sd[n]
+            want = (S.numel(),)
+        else:
+            want = tuple(w.shape) if levels.structure == "weight" else (w.shape[0],)
+        if tuple(ids.shape) != want:
+            raise ConfigError(f"level ids of {n!r} have shape {tuple(ids.shape)}, the model needs {want}")
+        tensors[f"{n}.level"] = ids.to(torch.uint8).contiguous()
+    tensors.update(sd)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "structure": levels.structure,
+            "scope": levels.scope, "levels": [{"level": j + 1, "keep": a} for j, a in enumerate(levels.keeps)],
+            "params": shapes}
+    data = safetensors.torch.save(tensors, metadata={META_KEY: json.dumps(meta, separators=(",", ":"))})
+    atomic_write(path, data)
+    return len(data)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a multi-level file (levels, structure, scope, parameter shapes)."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(META_KEY)
+    if text is None:
+        raise ConfigError(f"{os.fspath(path)!r} is not a multi-level file (no {META_KEY!r} metadata)")
+    meta = json.loads(text)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"{os.fspath(path)!r} has format {meta.get('format')!r} version "
+                          f"{meta.get('format_version')!r}; this reads {FORMAT!r} version {FORMAT_VERSION}")
+    return meta
+
+
+def extract(path: str | os.PathLike, level: int) -> dict[str, Tensor]:
+    """The state_dict at `level` (0 = dense): units with level id < level are zero (weights,
+    rows) or dropped (singular triplets); everything else as stored."""
+    meta = read_meta(path)
+    _check_level(level, len(meta["levels"]))
+    out: dict[str, Tensor] = {}
+    with safe_open(os.fspath(path), framework="pt") as f:
+        keys = set(f.keys())
+        for n, shape in meta["params"].items():
+            keep = f.get_tensor(f"{n}.level") >= level
+            if meta["structure"] == "rank":
+                U, S, Vh = (f.get_tensor(f"{n}.{s}") for s in ("U", "S", "Vh"))
+                out[n] = ((U[:, keep] * S[keep]) @ Vh[keep]).reshape(shape)
+            else:
+                w = f.get_tensor(n)
+                m = keep if meta["structure"] == "weight" else keep.reshape(-1, *[1] * (w.dim() - 1))
+                out[n] = w * m
+            keys -= {n + s for s in SUFFIXES} | {n}
+        for k in keys:
+            out[k] = f.get_tensor(k)
+    return out
+
+
+@torch.no_grad()
+def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 50,
+                    device: str | torch.device | None = None) -> nn.Module:
+    """Recompute every BatchNorm's running statistics on `batches` batches of data (in place).
+
+    The stats are reset and re-estimated as cumulative averages of the batch statistics
+    (momentum=None) with the model in train mode; momentum and mode are restored after.
+    """
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ConfigError(f"batches={batches!r} must be an integer ≥ 1")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    modes = {m: m.training for m in model.modules()}
+    moms = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        seen = 0
+        for batch in loader:
+            if seen >= batches:
+                break
+            x, _ = split_batch(batch, dev)
+            model(x)
+            seen += 1
+        if seen == 0:
+            raise ConfigError("the loader for BatchNorm recalibration yielded no batches")
+    finally:
+        for m, mom in zip(bns, moms):
+            m.momentum = mom
+        for m, t in modes.items():
+            m.train(t)
+    return model
+
+
+def load_level_(model: nn.Module, path: str | os.PathLike, level: int, loader: Iterable | None = None,
+                batches: int = 50) -> nn.Module:
+    """Fill `model` with the weights of `level`; with a loader, also recalibrate its BatchNorms."""
+    model.load_state_dict(extract(path, level))
+    if loader is not None:
+        recalibrate_bn_(model, loader, batches)
+    return model
+
+
+def levels_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per level: its keep fraction and the units it keeps, from the stored level ids."""
+    meta = read_meta(path)
+    with safe_open(os.fspath(path), framework="pt") as f:
+        ids = torch.cat([f.get_tensor(f"{n}.level").reshape(-1) for n in meta["params"]])
+    return [{"level": 0, "keep": 1.0, "units": ids.numel()}] + [
+        {**lv, "units": int((ids >= lv["level"]).sum())} for lv in meta["levels"]]
+
+
+__all__ = ["Levels", "build_levels", "extract", "levels_summary", "load_level_", "read_meta",
+           "recalibrate_bn_", "save_multilevel"]
+
+
+def extract_artifact(path: str | os.PathLike, level: int, out: str | os.PathLike, *,
+                     model: nn.Module | None = None, loader: Iterable | None = None, batches: int = 50) -> int:
+    """Write level `level` of a multi-level file as a single-level lccompress artifact (ready for
+    ONNX export); returns its bytes. Pruned levels become `Prune(count=…)` groups (one joint group
+    for a "global" file), rank levels `LowRank`. With `model` and `loader`, BatchNorm statistics
+    are recalibrated for this level first."""
+    from .artifact import save
+    from .lc import compress
+    from .pipeline import state_module
+    from .recipe import Recipe, Rule
+    from .schemes import LowRank, Prune
+
+    meta = read_meta(path)
+    sd = extract(path, level)
+    if model is not None and loader is not None:
+        model.load_state_dict(sd)
+        recalibrate_bn_(model, loader, batches)
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    names = list(meta["params"])
+    nnz = {n: int((sd[n] != 0).sum()) for n in names}
+    if meta["structure"] == "rank":
+        with safe_open(os.fspath(path), framework="pt") as f:
+            ranks = {n: int((f.get_tensor(f"{n}.level") >= level).sum()) for n in names}
+        rules = [Rule((n,), LowRank(max(1, ranks[n]))) for n in names]
+    elif meta["scope"] == "global" and meta["structure"] == "weight":
+        rules = [Rule(tuple(names), Prune(count=max(1, sum(nnz.values()))), joint=len(names) > 1)]
+    else:
+        rules = [Rule((n,), Prune(count=max(1, nnz[n]))) for n in names]
+    recipe = Recipe(tuple(rules))
+    result = compress(state_module(sd), recipe, method="dc", device="cpu")
+    return save(out, result, recipe=recipe)

@@ -1,0 +1,319 @@
+"""Frank-Wolfe: each LMO against a brute-force minimum over its set's extreme points (or the SVD
+closed form), each gauge against an LP / a dual program, and the SFW contracts (iterates stay in
+the ball, no mutation, same seed → same bytes, fw_grow's non-zero budget)."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import lccompress as lcc
+from lccompress import fw
+
+
+def _g(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _dot(a, b):
+    return float((a * b).sum())
+
+
+# ----------------------------------------------------------------------------- vector LMOs
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_k_sparse_lmo_is_the_best_vertex(seed, k):
+    n, r = 6, 0.7
+    g = _g(n, seed=seed)
+    # every vertex of conv{v ∈ {0, ±r}ⁿ : ‖v‖₀ ≤ k}
+    best = min(_dot(g, torch.tensor(v, dtype=g.dtype)) for v in itertools.product((-r, 0.0, r), repeat=n)
+               if sum(x != 0 for x in v) <= k)
+    v = fw.KSparsePolytope(k=k, radius=r).lmo(g)
+    assert _dot(g, v) == pytest.approx(best, rel=1e-12)
+    assert set(v.abs().unique().tolist()) <= {0.0, r} and int((v != 0).sum()) <= k
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+def test_k_support_lmo_is_the_best_sparse_unit_vector(seed, k):
+    n, r = 7, 1.3
+    g = _g(n, seed=seed)
+    # extreme points: ‖v‖₀ ≤ k, ‖v‖₂ = r; on a support I the best is −r·g_I/‖g_I‖ (Cauchy–Schwarz)
+    best = min(-r * float(g[list(I)].norm()) for I in itertools.combinations(range(n), k))
+    v = fw.KSupportBall(k=k, radius=r).lmo(g)
+    assert _dot(g, v) == pytest.approx(best, rel=1e-12)
+    assert int((v != 0).sum()) <= k and float(v.norm()) == pytest.approx(r)
+
+
+def test_l2_lmo_is_cauchy_schwarz():
+    g = _g(3, 4, seed=1)
+    v = fw.L2Ball(radius=2.0).lmo(g)
+    assert _dot(g, v) == pytest.approx(-2.0 * float(g.norm()))
+    assert float(v.norm()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 2, 2, 2)])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_group_k_support_lmo_is_the_best_row_subset(shape, k):
+    g, r = _g(*shape, seed=k), 0.9
+    rows = g.reshape(shape[0], -1)
+    best = min(-r * float(rows[list(I)].norm()) for I in itertools.combinations(range(shape[0]), k))
+    v = fw.GroupKSupport(k=k, radius=r).lmo(g)
+    assert v.shape == g.shape
+    assert _dot(g, v) == pytest.approx(best, rel=1e-12)
+    assert int((v.reshape(shape[0], -1).norm(dim=1) > 0).sum()) <= k
+
+
+def test_k_as_a_fraction():
+    g = _g(40, seed=3)
+    v = fw.KSparsePolytope(k=0.1, radius=1.0).lmo(g)  # κ = 4
+    assert int((v != 0).sum()) == 4
+    assert set(torch.topk(g.abs(), 4).indices.tolist()) == set(v.nonzero().reshape(-1).tolist())
+
+
+# ----------------------------------------------------------------------------- spectral LMOs
+def _gapped(m, n, seed):
+    """A matrix with singular values 10·0.8ⁱ (a decaying spectrum, like a gradient's)."""
+    q = min(m, n)
+    U = torch.linalg.qr(_g(m, q, seed=seed)).Q
+    V = torch.linalg.qr(_g(n, q, seed=seed + 1)).Q
+    s = 10 * 0.8 ** torch.arange(q, dtype=torch.float64)
+    return (U * s) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(60, 40), (6, 5)])  # power iteration, and full SVD (small)
+@pytest.mark.parametrize("k", [1, 3])
+def test_spectral_lmos_match_the_svd_closed_form(shape, k):
+    g, r = _gapped(*shape, seed=k), 1.7
+    U, S, Vh = torch.linalg.svd(g, full_matrices=False)
+    # spectral k-support: argmin over rank ≤ k, ‖V‖_F ≤ r is −r·U_k Σ_k V_kᵀ/‖σ_k‖ (von Neumann)
+    want = -r * (U[:, :k] * (S[:k] / S[:k].norm())) @ Vh[:k]
+    v = fw.SpectralKSupport(k=k, radius=r).lmo(g)
+    assert _dot(g, v) == pytest.approx(-r * float(S[:k].norm()), rel=1e-9)
+    torch.testing.assert_close(v, want, atol=1e-6, rtol=0)
+    # spectral k-sparse polytope: −r·U_k V_kᵀ, value −r·Σ_{i≤k} σᵢ
+    v = fw.SpectralKSparse(k=k, radius=r).lmo(g)
+    assert _dot(g, v) == pytest.approx(-r * float(S[:k].sum()), rel=1e-9)
+    torch.testing.assert_close(v, -r * U[:, :k] @ Vh[:k], atol=1e-6, rtol=0)
+    # nuclear ball: −r·u₁v₁ᵀ, value −r·σ₁
+    v = fw.NuclearBall(radius=r).lmo(g)
+    assert _dot(g, v) == pytest.approx(-r * float(S[0]), rel=1e-9)
+
+
+def test_spectral_lmo_reshapes_conv_kernels():
+    g = _g(8, 3, 3, 3, seed=5)
+    v = fw.SpectralKSupport(k=2, radius=1.0).lmo(g)
+    assert v.shape == g.shape
+    S = torch.linalg.svdvals(g.reshape(8, -1))
+    assert _dot(g, v) == pytest.approx(-float(S[:2].norm()), rel=1e-9)
+    assert int(torch.linalg.matrix_rank(v.reshape(8, -1))) == 2
+
+
+def test_spectral_lmo_is_deterministic_in_float32():
+    g = _gapped(50, 30, seed=9).float()
+    a, b = fw.SpectralKSupport(k=2, radius=1.0).lmo(g), fw.SpectralKSupport(k=2, radius=1.0).lmo(g)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- gauges
+@pytest.mark.parametrize("seed", range(3))
+def test_k_sparse_norm_is_the_gauge_of_the_vertex_hull(seed):
+    opt = pytest.importorskip("scipy.optimize")
+    n, k = 5, 2
+    x = _g(n, seed=seed)
+    verts = [v for v in itertools.product((-1.0, 0.0, 1.0), repeat=n) if 0 < sum(a != 0 for a in v) <= k]
+    A = torch.tensor(verts, dtype=torch.float64).T.numpy()  # (n, #vertices)
+    # gauge(x) = min Σλ s.t. Σ λⱼ vⱼ = x, λ ≥ 0 (the unit polytope is symmetric, so 0 is inside)
+    lp = opt.linprog(c=[1.0] * A.shape[1], A_eq=A, b_eq=x.numpy(), bounds=(0, None))
+    assert fw.KSparsePolytope(k=k).norm(x) == pytest.approx(lp.fun, rel=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [2, 3])
+def test_k_support_norm_equals_its_dual_program(seed, k):
+    opt = pytest.importorskip("scipy.optimize")
+    n = 6
+    x = _g(n, seed=seed).numpy()
+    # ‖x‖_sp = max ⟨u, x⟩ s.t. Σ_{i∈I} uᵢ² ≤ 1 for every |I| = k (the dual norm is the top-k ℓ2 norm)
+    cons = [{"type": "ineq", "fun": (lambda u, I=list(I): 1 - (u[I] ** 2).sum())}
+            for I in itertools.combinations(range(n), k)]
+    res = opt.minimize(lambda u: -(u @ x), x / abs(x).sum(), constraints=cons, method="SLSQP",
+                       options={"ftol": 1e-12, "maxiter": 500})
+    assert fw.KSupportBall(k=k).norm(torch.tensor(x)) == pytest.approx(-res.fun, rel=1e-6)
+
+
+def test_k_support_norm_limits():
+    x = _g(9, seed=4)
+    assert fw.KSupportBall(k=1).norm(x) == pytest.approx(float(x.abs().sum()))  # ℓ1
+    assert fw.KSupportBall(k=9).norm(x) == pytest.approx(float(x.norm()))  # ℓ2
+
+
+def test_radius_from_puts_the_reference_on_the_boundary():
+    w = _g(5, 4, seed=2)
+    want = 2 * max(float(w.abs().max()), float(w.abs().sum()) / 3)
+    assert fw.KSparsePolytope(k=3).radius_from(w, 2.0) == pytest.approx(want)
+    assert fw.NuclearBall().radius_from(w) == pytest.approx(float(torch.linalg.svdvals(w).sum()))
+
+
+@pytest.mark.parametrize("bad", [dict(k=0), dict(k=1.5), dict(k=True), dict(radius=-1.0), dict(radius=float("inf"))])
+def test_bad_hyperparameters_raise(bad):
+    with pytest.raises(lcc.ConfigError):
+        fw.KSupportBall(**bad)
+
+
+def test_count_above_the_size_raises():
+    with pytest.raises(lcc.ConfigError, match="k=9"):
+        fw.KSparsePolytope(k=9, radius=1.0).lmo(torch.ones(4))
+
+
+# ----------------------------------------------------------------------------- SFW
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(96, 6, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    loader = [(X[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    torch.manual_seed(0)
+    return _Net(), loader
+
+
+def _inside(constraints, ref_norms, slack=1.0):
+    """A callback checking every iterate against the radius computed from the reference."""
+    seen = []
+
+    def cb(step, model):
+        p = dict(model.named_parameters())
+        for name, norm in constraints.items():
+            assert norm(p[name].detach().double()) <= slack * ref_norms[name] * (1 + 1e-6), (step, name)
+        seen.append(step)
+
+    return cb, seen
+
+
+@pytest.mark.parametrize("rescale,lr", [("gradient", 5.0), (None, 0.3), ("diameter", 0.5)])
+def test_sfw_iterates_stay_in_the_ball(toy, rescale, lr):
+    model, loader = toy
+    ksparse = lambda w: max(float(w.abs().max()), float(w.abs().sum()) / 7)  # noqa: E731  k = 7
+    spectral = lambda w: max(float(torch.linalg.svdvals(w).max()), float(torch.linalg.svdvals(w).sum()) / 2)  # noqa: E731
+    norms = {"fc1.weight": ksparse, "fc2.weight": spectral}
+    ref = {n: f(dict(model.named_parameters())[n].detach().double()) for n, f in norms.items()}
+    cb, seen = _inside(norms, ref)
+    out = fw.sfw_refine(model, loader, {"fc1.weight": fw.KSparsePolytope(k=7), "fc2.weight": fw.SpectralKSparse(k=2)},
+                        epochs=3, lr=lr, rescale=rescale, callback=cb)
+    assert len(seen) == 9
+    assert not torch.equal(out.fc1.weight, model.fc1.weight)
+
+
+def test_sfw_slack_below_one_starts_inside_the_smaller_ball(toy):
+    model, loader = toy
+    l2 = lambda w: float(w.norm())  # noqa: E731
+    ref = {"fc1.weight": l2(model.fc1.weight.detach().double())}
+    cb, seen = _inside({"fc1.weight": l2}, ref, slack=0.5)
+    fw.sfw_refine(model, loader, {"fc1.weight": fw.L2Ball()}, epochs=1, lr=0.2, rescale=None, slack=0.5, callback=cb)
+    assert seen
+
+
+def test_sfw_joint_constraint_spans_tensors(toy):
+    model, loader = toy
+    ws = [model.fc1.weight.detach().double(), model.fc2.weight.detach().double()]
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    r = max(float(flat.abs().max()), float(flat.abs().sum()) / 10)
+    out = fw.sfw_refine(model, loader, {("fc1.weight", "fc2.weight"): fw.KSparsePolytope(k=10)},
+                        epochs=2, lr=0.3, rescale=None)
+    x = torch.cat([out.fc1.weight.detach().double().reshape(-1), out.fc2.weight.detach().double().reshape(-1)])
+    assert max(float(x.abs().max()), float(x.abs().sum()) / 10) <= r * (1 + 1e-6)
+
+
+def test_sfw_same_seed_same_bytes_and_input_untouched(toy):
+    model, loader = toy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = lambda: fw.sfw_refine(model, loader, {"fc*.weight": fw.KSupportBall(k=0.2)}, epochs=2, lr=0.2,  # noqa: E731
+                                rescale=None)
+    a, b = run(), run()
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+        assert torch.equal(model.state_dict()[k], before[k])
+
+
+def test_sfw_bad_options_raise(toy):
+    model, loader = toy
+    with pytest.raises(lcc.ConfigError, match="nope"):
+        fw.sfw_refine(model, loader, {"nope": fw.L2Ball()}, epochs=1, lr=0.1)
+    with pytest.raises(lcc.ConfigError, match="rescale"):
+        fw.sfw_refine(model, loader, {"fc1.weight": fw.L2Ball()}, epochs=1, lr=0.1, rescale="sometimes")
+    with pytest.raises(lcc.ConfigError, match="one by one"):
+        fw.sfw_refine(model, loader, {("fc1.weight", "fc2.weight"): fw.NuclearBall()}, epochs=1, lr=0.1)
+    with pytest.raises(lcc.ConfigError, match="constrained by both"):
+        fw.sfw_refine(model, loader, {"fc1.weight": fw.L2Ball(), "fc*.weight": fw.L2Ball()}, epochs=1, lr=0.1)
+
+
+# ----------------------------------------------------------------------------- fw_grow, one-shot
+@pytest.mark.parametrize("count", [1, 7, 40])
+def test_fw_grow_respects_the_non_zero_budget(toy, count):
+    model, loader = toy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = fw.fw_grow(model, model, loader, count=count, epochs=4, lr=2.0)
+    nnz = int((out.fc1.weight != 0).sum()) + int((out.fc2.weight != 0).sum())
+    assert 0 < nnz <= count
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    again = fw.fw_grow(model, model, loader, count=count, epochs=4, lr=2.0)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())
+
+
+def test_fw_grow_learns_from_the_teacher(toy):
+    model, loader = toy
+    out = fw.fw_grow(model, model, loader, count=40, epochs=30, lr=2.0)
+    X = torch.cat([x for x, _ in loader])
+    agree = float((out(X).argmax(1) == model(X).argmax(1)).float().mean())
+    # the biases alone (all weights zero) give one constant class: the grown weights must beat that
+    base = float((model(X).argmax(1) == torch.bincount(model(X).argmax(1)).argmax()).float().mean())
+    assert agree > base + 0.1
+
+
+def test_fw_grow_bad_count_raises(toy):
+    model, loader = toy
+    with pytest.raises(lcc.ConfigError, match="count=1000"):
+        fw.fw_grow(model, model, loader, count=1000, epochs=1, lr=1.0)
+
+
+def test_one_shot_prunes_to_the_global_magnitude_mask(toy):
+    model, _ = toy
+    names = ["fc1.weight", "fc2.weight"]
+    res = fw.one_shot(model, names, keep=0.25)
+    flat = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+    kept[torch.topk(flat.abs(), round(0.25 * flat.numel())).indices] = True
+    got = torch.cat([dict(res.model.named_parameters())[n].detach().reshape(-1) for n in names])
+    assert torch.equal(got, torch.where(kept, flat, torch.zeros_like(flat)))
+    assert res.bits() < res.dense_bits()
+
+
+def test_constraints_for_a_recipe(toy):
+    model, _ = toy
+    recipe = lcc.Recipe((lcc.Rule(("fc1.weight", "fc2.weight"), lcc.Prune(keep=0.1), joint=True),))
+    assert fw.constraints_for(recipe, model) == {("fc1.weight", "fc2.weight"): fw.KSparsePolytope(k=0.1)}
+    recipe = lcc.Recipe((lcc.Rule(("fc1.weight",), lcc.LowRank(50)), lcc.Rule(("fc2.weight",), lcc.Codebook(k=4))))
+    assert fw.constraints_for(recipe, model) == {"fc1.weight": fw.SpectralKSupport(k=6), "fc2.weight": fw.L2Ball()}
+
+
+def test_one_shot_low_rank_and_filters(toy):
+    model, _ = toy
+    res = fw.one_shot(model, "fc1.weight", rank=2)
+    assert int(torch.linalg.matrix_rank(res.model.fc1.weight.detach())) == 2
+    out = fw.prune_filters(model, ["fc1.weight"], keep=0.25)
+    rows = model.fc1.weight.detach().norm(dim=1)
+    keep = set(torch.topk(rows, 3).indices.tolist())
+    for i in range(12):
+        assert torch.equal(out.fc1.weight[i], model.fc1.weight[i] if i in keep else torch.zeros(6))
+    with pytest.raises(lcc.ConfigError):
+        fw.one_shot(model, "fc1.weight")
