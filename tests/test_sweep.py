@@ -43,14 +43,15 @@ def test_sweep_writes_parseable_json_and_svg(tmp_path, setup):
         assert [p["level"] for p in curve[m]] == levels
         for p in curve[m]:
             assert 0 <= p["metric"] <= 1 and p["error"] == pytest.approx(100 * (1 - p["metric"]), abs=1e-3)
-            assert 0 < p["bytes"] < curve["reference"][0]["bytes"]
+            assert 0 < p["theta_bytes"] < curve["reference"][0]["bytes"]
+            assert p["bytes"] == os.stat(tmp_path / p["artifact"]).st_size
     # DC points: the metric of lccompress.compress(..., "dc") evaluated here, the size of its artifact
     for p, keep in zip(curve["dc"], levels):
-        r = lcc.compress(model, lcc.Recipe.single(["0.weight", "2.weight"], lcc.Prune(keep=keep), joint=True),
-                         method="dc", device="cpu")
+        recipe = lcc.Recipe.single(["0.weight", "2.weight"], lcc.Prune(keep=keep), joint=True)
+        r = lcc.compress(model, recipe, method="dc", device="cpu")
         acc, _, _ = evaluate(r.model, data["eval"], torch.device("cpu"), accuracy)
         assert p["metric"] == pytest.approx(acc)
-        assert p["bytes"] == artifact.save(tmp_path / "check.safetensors", r)
+        assert p["bytes"] == artifact.save(tmp_path / "check.safetensors", r, recipe=recipe)
         assert p["bytes"] == os.stat(tmp_path / "check.safetensors").st_size
     assert curve["dc"][0]["bytes"] > curve["dc"][1]["bytes"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
