@@ -47,7 +47,8 @@ class LCConfig:
     μₖ = mu0·mu_growthᵏ; L step k trains `first_epochs` (k = 0) or `epochs` epochs of SGD at
     learning rate lr·lr_decayᵏ, clipped to lr_clip/μₖ for the compressed weights.
     mu0, mu_growth and weight_decay left as None are taken from the schemes' `lc_defaults`
-    (1e-3, ×1.15, 0 for pruning and quantization; 1e-2, ×1.1, 5e-4 for low rank).
+    (1e-3, ×1.15, 0 for pruning and quantization; 1e-2, ×1.1, 5e-4 for low rank), the growth
+    rescaled to the number of steps so that μ always ends where 40 steps would take it.
     """
 
     steps: int = 40
@@ -84,8 +85,12 @@ class LCConfig:
             raise ConfigError(f"momentum={self.momentum!r} must be in [0, 1)")
 
     def resolve(self, groups: list[Group]) -> "LCConfig":
-        """This config with every None filled from the schemes' defaults."""
+        """This config with every None filled from the schemes' defaults. The family's growth is
+        for 40 steps; with another number of steps it is rescaled so that μ ends where 40 steps
+        would have taken it: growth = a^(39/(steps − 1))."""
         d = merge_lc_defaults([g.scheme for g in groups])
+        if self.steps > 1:
+            d["mu_growth"] = d["mu_growth"] ** (39 / (self.steps - 1))
         return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
 
     def mu(self, k: int) -> float:

@@ -210,3 +210,19 @@ def test_resume_continues_to_the_same_bytes(digits_ref, tmp_path):
     assert all(torch.equal(sw[k], sr[k]) for k in sw)
     with pytest.raises(lcc.ConfigError, match="other settings"):
         lcc.compress(ref, rec, data, config=cfg, device="cpu", seed=6, state_dir=tmp_path, resume=True)
+
+
+def test_default_schedule_comes_from_the_scheme_family_and_scales_with_steps():
+    lin = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    prune = lcc.Recipe.single("0.weight", lcc.Prune(keep=0.5)).groups(lin)
+    low = lcc.Recipe.single("0.weight", lcc.LowRank(1)).groups(lin)
+    both = lcc.Recipe((lcc.Rule(("0.weight",), lcc.Prune(keep=0.5)), lcc.Rule(("1.weight",), lcc.LowRank(1)))).groups(lin)
+    c = lcc.LCConfig().resolve(prune)
+    assert (c.mu0, c.mu_growth, c.weight_decay) == (1e-3, pytest.approx(1.15), 0.0)
+    c = lcc.LCConfig().resolve(low)
+    assert (c.mu0, c.mu_growth, c.weight_decay) == (1e-2, pytest.approx(1.1), 5e-4)
+    c = lcc.LCConfig().resolve(both)
+    assert (c.mu0, c.mu_growth, c.weight_decay) == (1e-3, pytest.approx(1.1), 5e-4)
+    short = lcc.LCConfig(steps=14).resolve(prune)
+    assert short.mu(13) == pytest.approx(lcc.LCConfig().resolve(prune).mu(39))  # same final μ
+    assert lcc.LCConfig(steps=14, mu_growth=1.2).resolve(prune).mu_growth == 1.2  # explicit wins

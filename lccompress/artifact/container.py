@@ -10,8 +10,8 @@
                ⌈n·b/8⌉ bytes
     __metadata__["lccompress"]   JSON manifest: format and versions, the recipe, per group the
                                  scheme, params, shapes, dtype, bits and part encodings, and a
-                                 BLAKE2b-64 digest of every tensor's dtype, shape and bytes
-    __metadata__["lccompress.digest"]   BLAKE2b-64 of the manifest text
+                                 BLAKE2b-64 digest of every tensor's dtype, shape and bytes;
+                                 its last field "manifest_digest" is BLAKE2b-64 of the rest
 The digests detect corruption and inconsistent edits; they are not a signature (whoever can
 write the file can recompute them).
 """
