@@ -32,9 +32,11 @@ def fx(tmp_path_factory):
         "def loaders():\n    return digits_model.loaders(%r)\n"
         "def missing_eval():\n    return digits_model.loaders(%r)['train']\n"
         "def broken():\n    raise RuntimeError('disk on fire')\n"
+        "def unlabelled():\n    d = digits_model.loaders(%r)\n"
+        "    return {'train': [x for x, _ in d['train']], 'eval': [x for x, _ in d['eval']]}\n"
         "def wrong_shape():\n    import torch\n    x = torch.zeros(8, 10)\n"
         "    return {'train': [(x, torch.zeros(8, dtype=torch.long))]}\n"
-        % (str(ROOT / "fixtures"), str(paths["data"]), str(paths["data"])))
+        % (str(ROOT / "fixtures"), str(paths["data"]), str(paths["data"]), str(paths["data"])))
     return {"dir": d, "ckpt": str(paths["checkpoint"]), "st": str(paths["safetensors"]),
             "model": f"{ROOT / 'fixtures' / 'digits_model.py'}:mlp", "data": f"{d / 'data.py'}:loaders"}
 
@@ -88,6 +90,16 @@ def test_prune_with_model_and_data_runs_lc_and_reports(fx, tmp_path):
     for key in ("reference_bytes", "compression_ratio", "layers", "timings", "lccompress_version"):
         assert key in r
     assert not (tmp_path / "out.safetensors.lcstate").exists()  # state removed after success
+
+
+def test_distill_needs_no_labels(fx, tmp_path):
+    rep = tmp_path / "r.json"
+    run("quantize", fx["ckpt"], "--codebook", "2", "--loss", "distill", "--model", fx["model"], "--data",
+        f"{fx['dir'] / 'data.py'}:unlabelled", "-o", tmp_path / "q.safetensors", "--report", rep, *FAST)
+    r = json.loads(rep.read_text())
+    # without labels the metric is agreement with the reference: the reference agrees with itself
+    assert r["metric"]["reference"] == 1.0 and 0.5 < r["metric"]["compressed"] <= 1.0
+    assert r["history"][-1]["loss"] >= 0  # a KL divergence
 
 
 def test_onnx_output_is_measured_in_onnxruntime(fx, tmp_path):
