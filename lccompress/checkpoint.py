@@ -193,17 +193,23 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
     return fn
 
 
+def call_factory(spec: str) -> nn.Module:
+    """The nn.Module that the user's `--model FILE.py:FUNC` / `module:FUNC` returns."""
+    fn = load_callable(spec, "--model")
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001 - user code
+        raise CheckpointError(f"--model {spec!r} raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
 def build_model(ckpt: Checkpoint, factory: str | None) -> nn.Module | None:
     """The module to train: the checkpoint's own, or factory() with the checkpoint's weights loaded."""
     if factory is None:
         return ckpt.module
-    fn = load_callable(factory, "--model")
-    try:
-        model = fn()
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"--model {factory!r} raised {type(e).__name__}: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"--model {factory!r} returned {type(model).__name__}, not an nn.Module")
+    model = call_factory(factory)
     try:
         missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
     except RuntimeError as e:

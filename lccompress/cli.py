@@ -387,12 +387,13 @@ def extract(multi: str, level: int, out: str, model_spec: str | None, data_spec:
     Example: lccompress extract multi.safetensors --level 3 -o level3.safetensors
     """
     from .multilevel import extract_artifact
-    from .pipeline import _check_out, _factory, load_data
+    from .checkpoint import call_factory
+    from .pipeline import _check_out, load_data
 
     _check_out(Path(out))
     if not Path(multi).exists():
         raise ConfigError(f"{multi}: no such file")
-    model = _factory(model_spec) if model_spec else None
+    model = call_factory(model_spec) if model_spec else None
     loader = load_data(data_spec)["train"] if data_spec else None
     size = extract_artifact(multi, level, out, model=model, loader=loader)
     click.echo(f"wrote {out}: {size:,} bytes")

@@ -23,7 +23,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from . import report as rep
-from .checkpoint import CheckpointError, build_model, load_callable, read_checkpoint
+from .checkpoint import CheckpointError, build_model, call_factory, load_callable, read_checkpoint
 from .errors import ConfigError, LCError
 from .lc import LCConfig, Result, StepRecord, compress, resolve_device
 from .recipe import Recipe
@@ -397,7 +397,7 @@ def export_artifact(artifact: str, onnx_out: str, model_spec: str, input_shape: 
         raise ConfigError(f"--onnx {out}: must end in .onnx")
     _check_out(out)
     art = load(artifact)
-    model = load_into_(_factory(model_spec), artifact)
+    model = load_into_(call_factory(model_spec), artifact)
     if input_shape:
         example = torch.randn(parse_shape(input_shape), generator=torch.Generator().manual_seed(0))
     elif data_spec:
@@ -410,17 +410,6 @@ def export_artifact(artifact: str, onnx_out: str, model_spec: str, input_shape: 
     console.print(f"wrote {out}: {disk_bytes(out):,} bytes; onnxruntime vs torch: max abs diff "
                   f"{diff['max_abs']:.3g}, max rel diff {diff['max_rel']:.3g}", highlight=False)
     return diff
-
-
-def _factory(spec: str) -> nn.Module:
-    fn = load_callable(spec, "--model")
-    try:
-        m = fn()
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"--model {spec!r} raised {type(e).__name__}: {e}") from None
-    if not isinstance(m, nn.Module):
-        raise ConfigError(f"--model {spec!r} returned {type(m).__name__}, not an nn.Module")
-    return m
 
 
 def _is_artifact(path: str) -> bool:
@@ -493,7 +482,7 @@ def check_budgets(artifact: str, max_bytes: int | None, max_drop: float | None, 
         if artifact.endswith(".onnx"):
             new_val = onnx_eval(artifact, _cpu(loader), metric_fn)[0]
         else:
-            new_val = evaluate(load_into_(_factory(model_spec), artifact).eval(), loader, cpu, metric_fn)[0]
+            new_val = evaluate(load_into_(call_factory(model_spec), artifact).eval(), loader, cpu, metric_fn)[0]
         drop = ref_val - new_val
         checks.append({"budget": "drop", "value": round(drop, 6), "limit": max_drop, "ok": drop <= max_drop,
                        "over": round(max(0.0, drop - max_drop), 6), "reference": ref_val, "compressed": new_val})
