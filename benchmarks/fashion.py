@@ -1,7 +1,7 @@
 """Benchmark B2: LeNet5 on Fashion-MNIST, compressed by DC, DC + fine-tuning and LC, exported to
 ONNX; test error measured in onnxruntime on the exported file, and bytes on disk.
 
-    python benchmarks/fashion.py                  # about 20 min single-threaded
+    python benchmarks/fashion.py --steps 30       # the README table (tasks can be split with --tasks)
     python benchmarks/fashion.py --quick          # smoke run on a data subset, about 1 min
     python benchmarks/fashion.py --json b2.json   # also write the results as JSON
 
