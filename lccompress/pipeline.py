@@ -243,8 +243,13 @@ def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
     ckpt_path = Path(job.checkpoint)
     out = Path(job.out) if job.out else Path(ckpt_path.stem + ".compressed.safetensors")
     _check_out(out)
-    if job.report_path and Path(job.report_path).suffix not in (".json", ".md"):
-        raise ConfigError(f"--report {job.report_path}: must end in .json or .md")
+    if job.report_path:
+        rp = Path(job.report_path)
+        if rp.suffix not in (".json", ".md"):
+            raise ConfigError(f"--report {rp}: must end in .json or .md")
+        where = rp.parent if str(rp.parent) else Path(".")
+        if not where.is_dir() or not os.access(where, os.W_OK):
+            raise ConfigError(f"--report {rp}: directory {where} does not exist or is not writable")
     ck = read_checkpoint(ckpt_path, trust=job.trust_checkpoint)
     model = build_model(ck, job.model_spec)
     data = load_data(job.data_spec) if job.data_spec else {}

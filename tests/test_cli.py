@@ -226,6 +226,8 @@ def _bad_cases(fx, tmp_path):
         "no model": (["prune", fx["ckpt"], "--keep", "0.1", "--data", fx["data"], *out], "--model"),
         "unwritable": (["prune", fx["ckpt"], "--keep", "0.1", "-o", tmp_path / "no" / "dir" / "o.safetensors"],
                        "does not exist"),
+        "report dir": (["prune", fx["ckpt"], "--keep", "0.1", *out, "--report", tmp_path / "no" / "r.json"],
+                       "does not exist"),
         "bad suffix": (["prune", fx["ckpt"], "--keep", "0.1", "-o", tmp_path / "o.zip"], ".safetensors or .onnx"),
     }
 
