@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, DivergenceError
 from .lc import LCConfig, Result, _data, compress, resolve_device
-from .recipe import Recipe
+from .recipe import Recipe, match
 from .schemes import LowRank, Prune
 from .train import LossFn, cross_entropy, split_batch
 
@@ -155,6 +154,12 @@ class L2Ball(LMO):
         return float(x.detach().double().norm())
 
 
+def _top_entries(g: Tensor, k: int | float) -> tuple[Tensor, Tensor]:
+    """g flattened (n,) and the indices of its k largest |gᵢ|."""
+    flat = g.reshape(-1)
+    return flat, torch.topk(flat.abs(), _k_of(k, flat.numel(), "entries"), sorted=False).indices
+
+
 @dataclass(frozen=True)
 class KSparsePolytope(LMO):
     """C = conv{v ∈ {0, ±r}ⁿ : ‖v‖₀ ≤ k} = {‖x‖∞ ≤ r, ‖x‖₁ ≤ k·r}.
@@ -167,8 +172,7 @@ class KSparsePolytope(LMO):
     radius: float | None = None
 
     def lmo(self, g: Tensor) -> Tensor:
-        flat = g.reshape(-1)
-        top = torch.topk(flat.abs(), _k_of(self.k, flat.numel(), "entries"), sorted=False).indices
+        flat, top = _top_entries(g, self.k)
         v = torch.zeros_like(flat)
         v[top] = -self._r() * torch.sign(flat[top])
         return v.reshape(g.shape)
@@ -192,8 +196,7 @@ class KSupportBall(LMO):
     radius: float | None = None
 
     def lmo(self, g: Tensor) -> Tensor:
-        flat = g.reshape(-1)
-        top = torch.topk(flat.abs(), _k_of(self.k, flat.numel(), "entries"), sorted=False).indices
+        flat, top = _top_entries(g, self.k)
         v = torch.zeros_like(flat)
         v[top] = flat[top]
         return (-self._r() * v / v.norm().clamp(min=_TINY)).reshape(g.shape)
@@ -317,12 +320,7 @@ def _blocks(constraints: Mapping[Any, LMO], params: Mapping[str, Tensor], slack:
         if not isinstance(lmo, LMO):
             raise ConfigError(f"constraint for {key!r} is {lmo!r}, not an LMO")
         pats = (key,) if isinstance(key, str) else tuple(key)
-        names: list[str] = []
-        for pat in pats:
-            hit = [n for n in params if n == pat or fnmatch.fnmatchcase(n, pat)]
-            if not hit:
-                raise ConfigError(f"{pat!r} matches no parameter; parameters are: {', '.join(params)}")
-            names += [n for n in hit if n not in names]
+        names = match(pats, params)
         for n in names:
             if n in taken:
                 raise ConfigError(f"parameter {n!r} is constrained by both {taken[n]!r} and {key!r}")

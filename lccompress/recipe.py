@@ -20,6 +20,19 @@ from .errors import ConfigError
 from .schemes.base import Scheme, Theta, scheme_from_dict
 
 
+def match(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The names matching any of the patterns (exact names or fnmatch globs), in the names' order
+    per pattern, without repeats; a pattern matching nothing is an error."""
+    names = list(names)
+    out: list[str] = []
+    for pat in patterns:
+        hit = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise ConfigError(f"{pat!r} matches no parameter; parameters are: {', '.join(names)}")
+        out += [n for n in hit if n not in out]
+    return out
+
+
 @dataclass(frozen=True)
 class Rule:
     """`params`: names or globs; `joint`: one constraint over all matched parameters."""
@@ -97,12 +110,7 @@ class Recipe:
         taken: dict[str, int] = {}
         groups: list[Group] = []
         for ri, rule in enumerate(self.rules):
-            names: list[str] = []
-            for pat in rule.params:
-                hit = [n for n in named if n == pat or fnmatch.fnmatchcase(n, pat)]
-                if not hit:
-                    raise ConfigError(f"{pat!r} matches no parameter; parameters are: {', '.join(named)}")
-                names += [n for n in hit if n not in names]
+            names = match(rule.params, named)
             for n in names:
                 if n in taken:
                     raise ConfigError(f"parameter {n!r} is named by rules {taken[n] + 1} and {ri + 1}")

@@ -3,6 +3,8 @@
 import torch.nn.functional as F
 from torch import nn
 
+import lccompress as lc
+
 
 class ConvNet(nn.Module):
     """1×8×8 → conv 3×3 (8) → BN → conv 3×3 pad 1 (16) → fc 576 → 10."""
@@ -14,3 +16,22 @@ class ConvNet(nn.Module):
 
     def forward(self, x):
         return self.fc(F.relu(self.conv2(F.relu(self.bn(self.conv1(x))))).flatten(1))
+
+
+SCHEMES = {  # one case per scheme family and layout: name: (scheme, joint)
+    "prune": (lc.Prune(keep=0.1), False),
+    "prune_joint": (lc.Prune(keep=0.05), True),
+    "l1_ball": (lc.L1Ball(radius=3.0), False),
+    "l0_penalty": (lc.L0Penalty(alpha=1.25e-6), False),  # threshold √(2α/μ₀) = 0.05
+    "l1_penalty_empty": (lc.L1Penalty(alpha=1.0), False),  # threshold 1000: nothing kept
+    "codebook": (lc.Codebook(k=4), False),
+    "codebook_joint": (lc.Codebook(k=5), True),
+    "fixed_codebook": (lc.FixedCodebook((-0.05, 0.0, 0.05)), False),
+    "binarize": (lc.Binarize(), True),
+    "scaled_binarize": (lc.ScaledBinarize(), False),
+    "scaled_ternary": (lc.ScaledTernary(), False),
+    "lowrank": (lc.LowRank(rank=2), False),
+    "rank_selection": (lc.RankSelection(alpha=1e-6), False),
+    "additive": (lc.Additive((lc.Codebook(k=2), lc.Prune(keep=0.05))), False),
+    "additive_lowrank": (lc.Additive((lc.LowRank(rank=2), lc.Prune(keep=0.02))), False),
+}

@@ -17,7 +17,7 @@ import lccompress as lc
 from lccompress.artifact import ArtifactError, load, load_into_, save, size_report, split_lowrank_
 from lccompress.artifact.container import META_KEY, delta_decode, delta_encode, seal, unseal
 from lccompress.digits import MLP
-from nets import ConvNet
+from nets import SCHEMES, ConvNet
 
 
 
@@ -32,23 +32,6 @@ def make(kind):
     return m, ["conv1.weight", "conv2.weight", "fc.weight"], torch.randn(5, 1, 8, 8)
 
 
-SCHEMES = {  # name: (scheme, joint)
-    "prune": (lc.Prune(keep=0.1), False),
-    "prune_joint": (lc.Prune(keep=0.05), True),
-    "l1_ball": (lc.L1Ball(radius=3.0), False),
-    "l0_penalty": (lc.L0Penalty(alpha=1.25e-6), False),  # threshold √(2α/μ₀) = 0.05
-    "l1_penalty_empty": (lc.L1Penalty(alpha=1.0), False),  # threshold 1000: nothing kept
-    "codebook": (lc.Codebook(k=4), False),
-    "codebook_joint": (lc.Codebook(k=5), True),
-    "fixed_codebook": (lc.FixedCodebook((-0.05, 0.0, 0.05)), False),
-    "binarize": (lc.Binarize(), True),
-    "scaled_binarize": (lc.ScaledBinarize(), False),
-    "scaled_ternary": (lc.ScaledTernary(), False),
-    "lowrank": (lc.LowRank(rank=2), False),
-    "rank_selection": (lc.RankSelection(alpha=1e-6), False),
-    "additive": (lc.Additive((lc.Codebook(k=2), lc.Prune(keep=0.05))), False),
-    "additive_lowrank": (lc.Additive((lc.LowRank(rank=2), lc.Prune(keep=0.02))), False),
-}
 
 
 def dc(kind, name):

@@ -16,7 +16,7 @@ from torch import nn
 import lccompress as lc
 from lccompress.artifact import disk_bytes, export_onnx, size_report, verify_onnx
 from lccompress.digits import MLP
-from nets import ConvNet
+from nets import SCHEMES, ConvNet
 
 
 
@@ -30,23 +30,10 @@ def make(kind):
     return m, ["conv1.weight", "conv2.weight", "fc.weight"], torch.randn(7, 1, 8, 8)
 
 
-SCHEMES = {  # name: (scheme, joint)
-    "prune": (lc.Prune(keep=0.1), False),
+SCHEMES = {
+    **{k: v for k, v in SCHEMES.items() if k != "prune_joint"},
     "prune_1pct_joint": (lc.Prune(keep=0.01), True),
-    "l1_ball": (lc.L1Ball(radius=3.0), False),
-    "l0_penalty": (lc.L0Penalty(alpha=1.25e-6), False),
-    "l1_penalty_empty": (lc.L1Penalty(alpha=1.0), False),
-    "codebook": (lc.Codebook(k=4), False),
-    "codebook_joint": (lc.Codebook(k=5), True),
     "codebook_20_joint": (lc.Codebook(k=20), True),  # 5 bits: stored as uint8 in ONNX
-    "fixed_codebook": (lc.FixedCodebook((-0.05, 0.0, 0.05)), False),
-    "binarize": (lc.Binarize(), True),
-    "scaled_binarize": (lc.ScaledBinarize(), False),
-    "scaled_ternary": (lc.ScaledTernary(), False),
-    "lowrank": (lc.LowRank(rank=2), False),
-    "rank_selection": (lc.RankSelection(alpha=1e-6), False),
-    "additive": (lc.Additive((lc.Codebook(k=2), lc.Prune(keep=0.05))), False),
-    "additive_lowrank": (lc.Additive((lc.LowRank(rank=2), lc.Prune(keep=0.02))), False),
 }
 
 
