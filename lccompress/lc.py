@@ -204,6 +204,7 @@ def compress(
     device: str | torch.device = "auto",
     seed: int = 0,
     callback: Callable[[StepRecord], None] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
 ) -> Result:
@@ -217,7 +218,8 @@ def compress(
     `data` is a training DataLoader or {"train": ..., "eval": ...}; "dc" needs none. Each batch is
     (inputs, targets). `loss(output, target)` defaults to cross-entropy and `metric(outputs,
     targets)` (over the whole eval set) to accuracy. `lstep` replaces the default L step.
-    With `state_dir`, the state after each LC / iDC step is saved there atomically, and
+    `callback(record)` follows each step and `on_epoch(done, epochs)` each epoch of the default
+    L step (progress). With `state_dir`, the state after each LC / iDC step is saved there atomically, and
     `resume=True` continues from the last saved step with the same result as an unbroken run.
     """
     if method not in METHODS:
@@ -232,6 +234,7 @@ def compress(
         return _frank_wolfe(model, recipe, data, method, config, loss, metric, lstep, dev, seed)
     run = _Run(_copy_module(model).to(dev), recipe, data, config, loss or cross_entropy,
                metric or accuracy, lstep, dev, callback)
+    run.on_epoch = on_epoch
     if state_dir is not None:
         run.state = _State(Path(state_dir), _fingerprint(method, run, recipe, seed), resume)
     devices = [dev.index or 0] if dev.type == "cuda" else []
@@ -334,6 +337,7 @@ class _Run:
         self.t0 = time.perf_counter()
         self.history: list[StepRecord] = []
         self.state: _State | None = None
+        self.on_epoch: Callable[[int, int], None] | None = None
 
     # -- resumable state ---------------------------------------------------------------------
     def restore(self) -> tuple[int, dict[str, Theta], dict[str, Tensor]] | None:
@@ -432,7 +436,7 @@ class _Run:
                                 epochs=epochs, loss_fn=self.loss, device=self.device,
                                 extra=penalty if targets else None, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                                guard=self.guard, where=f"L step {step}")
+                                guard=self.guard, where=f"L step {step}", on_epoch=self.on_epoch)
         self.t["lstep"] += time.perf_counter() - t
         return task, lr_c
 
@@ -528,7 +532,7 @@ class _Run:
                             epochs=total, loss_fn=self.loss, device=self.device,
                             momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                             lr_factor=lambda e: 0.5 * (1 + math.cos(math.pi * e / max(1, total))),
-                            guard=self.guard, where="fine-tuning")
+                            guard=self.guard, where="fine-tuning", on_epoch=self.on_epoch)
         self.t["lstep"] += time.perf_counter() - t
         thetas = {name: {k: v.detach() for k, v in th.items()} for name, th in thetas.items()}
         self.record(step=0, mu=0.0, lr=cfg.lr, loss=task, gap=0.0, metric=self.evaluate(thetas))

@@ -157,16 +157,18 @@ def onnx_eval(path: str | os.PathLike, loader: Iterable, metric: Callable) -> tu
 
 # ----------------------------------------------------------------------------- progress
 class Reporter:
-    """LC progress: a rich progress bar on a terminal, one plain line per step otherwise."""
+    """Progress: rich bars for LC steps and for the epochs of the current step on a terminal, one
+    plain line per step otherwise (CI, pipes)."""
 
     def __init__(self, console: Console, steps: int, label: str) -> None:
         self.console, self.steps = console, steps
         self.live = console.is_terminal and not os.environ.get("CI")
         self.progress = None
         if self.live:
-            self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
             self.task = self.progress.add_task(label, total=steps, info="")
+            self.epochs = self.progress.add_task("  epochs", total=1, info="")
 
     def __enter__(self) -> "Reporter":
         if self.progress:
@@ -176,6 +178,10 @@ class Reporter:
     def __exit__(self, *exc: Any) -> None:
         if self.progress:
             self.progress.stop()
+
+    def epoch(self, done: int, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.epochs, completed=done, total=total)
 
     def __call__(self, r: StepRecord) -> None:
         metric = "" if r.metric is None else f"  metric {r.metric:.4f}"
@@ -296,6 +302,7 @@ def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
     with Reporter(console, job.steps, f"{method.upper()} {recipe.rules[0].scheme.name}") as progress:
         result = compress(subject, recipe, data or None, method=method, config=cfg, loss=loss_fn,
                           metric=metric_fn, device=device, seed=job.seed, callback=progress,
+                          on_epoch=progress.epoch,
                           state_dir=state_dir if trains else None, resume=job.resume)
     report = _write_outputs(job, ck, model, result, recipe, data, device, out, metric_fn, console)
     if trains and state_dir.exists():

@@ -82,12 +82,13 @@ def train_epochs(
     lr_factor: Callable[[int], float] = lambda e: 1.0,
     guard: Guard | None = None,
     where: str = "training",
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> float:
     """Train `epochs` epochs of SGD on loss_fn(forward(x), y) + extra(); return the last epoch's mean loss.
 
     `groups` are (tensors, learning rate) pairs. At each epoch's end the loss and the weights are
     checked; if anything is non-finite the epoch's starting state is restored, the guard halves
-    the learning rate, and the epoch runs again.
+    the learning rate, and the epoch runs again. `on_epoch(done, epochs)` follows each epoch.
     """
     guard = guard or Guard()
     groups = [(ps, lr) for ps, lr in groups if ps]
@@ -123,6 +124,8 @@ def train_epochs(
             continue
         last = float(total) / count
         e += 1
+        if on_epoch is not None:
+            on_epoch(e, epochs)
     return last
 
 

@@ -226,3 +226,12 @@ def test_default_schedule_comes_from_the_scheme_family_and_scales_with_steps():
     short = lcc.LCConfig(steps=14).resolve(prune)
     assert short.mu(13) == pytest.approx(lcc.LCConfig().resolve(prune).mu(39))  # same final μ
     assert lcc.LCConfig(steps=14, mu_growth=1.2).resolve(prune).mu_growth == 1.2  # explicit wins
+
+
+def test_progress_callbacks_follow_steps_and_epochs(digits_ref):
+    ref, data = digits_ref
+    steps, epochs = [], []
+    lcc.compress(ref, PRUNE, data, config=lcc.LCConfig(steps=2, epochs=2, first_epochs=3), device="cpu",
+                 callback=lambda r: steps.append(r.step), on_epoch=lambda d, t: epochs.append((d, t)))
+    assert steps == [0, 1]
+    assert epochs == [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]
