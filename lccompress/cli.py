@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,10 +23,6 @@ class UsageError(click.ClickException):
     """A domain error shown as one line, exit status 2 (the usage-error status)."""
 
     exit_code = 2
-
-
-def fail(msg: str) -> None:
-    raise click.ClickException(msg)
 
 
 def guarded(fn: Callable) -> Callable:

@@ -382,15 +382,13 @@ class _Run:
     def weights(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.params.items()}
 
-    def evaluate(self, thetas: Mapping[str, Theta] | None) -> float | None:
-        """Metric of the model with weights Δ(θ) (or as it is, without θ) on the eval data.
-
-        Δ(θ) is swapped into the parameters and back (this works for TorchScript modules too,
+    def evaluate(self, over: Mapping[str, Tensor]) -> float | None:
+        """Metric on the eval data of the model with the weights `over` (Δ(θ) per parameter; {}
+        for the model as it is). They are swapped into the parameters and back (this works for TorchScript modules too,
         which torch.func.functional_call does not support)."""
         if "eval" not in self.data:
             return None
         t = time.perf_counter()
-        over = self.deltas(thetas) if thetas else {}
         saved = {n: self.params[n].detach().clone() for n in over}
         was = self.model.training
         self.model.eval()
@@ -407,8 +405,8 @@ class _Run:
         self.t["eval"] += time.perf_counter() - t
         return value
 
-    def gap(self, thetas: Mapping[str, Theta]) -> float:
-        d = self.deltas(thetas)
+    def gap(self, d: Mapping[str, Tensor]) -> float:
+        """‖w − Δ(θ)‖² / ‖w‖² over the compressed weights, given Δ(θ) per parameter."""
         num = sum(float(((self.params[n].detach() - d[n]) ** 2).sum()) for n in d)
         den = sum(float((self.params[n].detach() ** 2).sum()) for n in d)
         return num / max(den, 1e-30)
@@ -451,7 +449,7 @@ class _Run:
         with torch.no_grad():
             for n, t in self.deltas(thetas).items():
                 self.params[n].copy_(t)
-        metric = self.evaluate(None)
+        metric = self.evaluate({})
         self.t["total"] = time.perf_counter() - self.t0
         return Result(self.model, thetas, self.groups, method, self.history, metric, dict(self.t),
                       self.guard.failures, self.cfg)
@@ -480,8 +478,8 @@ class _Run:
             if cfg.penalty == "al":
                 for n in lam:
                     lam[n] -= mu * (w[n] - d[n])
-            gap = self.gap(thetas)
-            self.record(step=k, mu=mu, lr=lr, loss=task, gap=gap, metric=self.evaluate(thetas))
+            gap = self.gap(d)
+            self.record(step=k, mu=mu, lr=lr, loss=task, gap=gap, metric=self.evaluate(d))
             self.checkpoint(k, thetas, lam)
             if gap < cfg.tol:
                 break
@@ -499,7 +497,8 @@ class _Run:
                     self.params[n].copy_(t)
             task, lr = self.train(k, None, None)
             thetas = self.cstep(self.weights(), thetas, cfg.mu(k))
-            self.record(step=k, mu=cfg.mu(k), lr=lr, loss=task, gap=self.gap(thetas), metric=self.evaluate(thetas))
+            d = self.deltas(thetas)
+            self.record(step=k, mu=cfg.mu(k), lr=lr, loss=task, gap=self.gap(d), metric=self.evaluate(d))
             self.checkpoint(k, thetas, {})
         return self.finish(thetas, "idc")
 
@@ -535,5 +534,5 @@ class _Run:
                             guard=self.guard, where="fine-tuning", on_epoch=self.on_epoch)
         self.t["lstep"] += time.perf_counter() - t
         thetas = {name: {k: v.detach() for k, v in th.items()} for name, th in thetas.items()}
-        self.record(step=0, mu=0.0, lr=cfg.lr, loss=task, gap=0.0, metric=self.evaluate(thetas))
+        self.record(step=0, mu=0.0, lr=cfg.lr, loss=task, gap=0.0, metric=self.evaluate(self.deltas(thetas)))
         return self.finish(thetas, "finetune")

@@ -136,10 +136,6 @@ def distill_loss(out: Tensor, teacher_logits: Tensor) -> Tensor:
     return F.kl_div(F.log_softmax(out, -1), F.log_softmax(teacher_logits, -1), log_target=True, reduction="batchmean")
 
 
-def _user_fn(spec: str, what: str) -> Callable:
-    return load_callable(spec, what)
-
-
 def onnx_eval(path: str | os.PathLike, loader: Iterable, metric: Callable) -> tuple[float, Tensor]:
     """Metric of an ONNX file over a loader, run in onnxruntime on the CPU."""
     import onnxruntime as ort
@@ -162,9 +158,8 @@ class Reporter:
 
     def __init__(self, console: Console, steps: int, label: str) -> None:
         self.console, self.steps = console, steps
-        self.live = console.is_terminal and not os.environ.get("CI")
         self.progress = None
-        if self.live:
+        if console.is_terminal and not os.environ.get("CI"):
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
             self.task = self.progress.add_task(label, total=steps, info="")
@@ -279,7 +274,7 @@ def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
     device = resolve_device(job.device)
 
     loss_fn: Callable = cross_entropy
-    metric_fn: Callable = accuracy if job.metric == "accuracy" else _user_fn(job.metric, "--metric")
+    metric_fn: Callable = accuracy if job.metric == "accuracy" else load_callable(job.metric, "--metric")
     if data:
         reference = model.to(device).eval()
         if job.loss == "distill":
@@ -292,7 +287,7 @@ def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
         elif job.loss == "mse":
             loss_fn = F.mse_loss
         elif job.loss != "ce":
-            loss_fn = _user_fn(job.loss, "--loss")
+            loss_fn = load_callable(job.loss, "--loss")
         _check_batches(reference, data, device, loss_fn)
 
     cfg = LCConfig(steps=job.steps, epochs=job.epochs, first_epochs=job.first_epochs, lr=job.lr, mu0=job.mu0,
@@ -485,7 +480,7 @@ def check_budgets(artifact: str, max_bytes: int | None, max_drop: float | None, 
     if max_drop is not None:
         if not (reference and model_spec and data_spec):
             raise ConfigError("--max-drop needs --reference CKPT, --model and --data")
-        metric_fn = accuracy if metric == "accuracy" else _user_fn(metric, "--metric")
+        metric_fn = accuracy if metric == "accuracy" else load_callable(metric, "--metric")
         data = load_data(data_spec)
         loader = data.get("eval", data["train"])
         ref = build_model(read_checkpoint(reference, trust=trust), model_spec)

@@ -9,7 +9,6 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 

@@ -72,7 +72,7 @@ def test_prune_equals_brute_force(seed, kappa):
 
 
 def test_global_prune_spans_tensors_and_matches_brute_force():
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 3))  # 6 + 6 weights
     with torch.no_grad():
         model[1].weight.mul_(5)  # the second layer dominates the global top-k

@@ -6,7 +6,6 @@ A weight of shape (out, *rest) — a conv kernel (out, in, kh, kw) — is handle
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ def _matrix(w: Tensor) -> Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _factors(w2: Tensor, r: int, U: Tensor, S: Tensor, Vh: Tensor) -> Theta:
+def _factors(r: int, U: Tensor, S: Tensor, Vh: Tensor) -> Theta:
     s = S[:r].sqrt()  # (r,)
     return {"U": (U[:, :r] * s).contiguous(), "V": (s[:, None] * Vh[:r]).contiguous()}  # (m, r), (r, n)
 
@@ -63,7 +62,7 @@ class LowRank(_LowRankBase):
 
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
         w2, U, S, Vh = _svd(w)
-        return _factors(w2, min(self.rank, S.numel()), U, S, Vh)
+        return _factors(min(self.rank, S.numel()), U, S, Vh)
 
 
 @dataclass(frozen=True)
@@ -100,4 +99,4 @@ class RankSelection(_LowRankBase):
         if mu is None or not mu > 0:
             raise ConfigError(f"the rank_selection C step needs μ > 0, got mu={mu!r}")
         w2, U, S, Vh = _svd(w)
-        return _factors(w2, self.rank_for(S, *w2.shape, float(mu)), U, S, Vh)
+        return _factors(self.rank_for(S, *w2.shape, float(mu)), U, S, Vh)

@@ -29,7 +29,7 @@ def _lloyd(xs: Tensor, s1: Tensor, c: Tensor, max_iter: int) -> tuple[Tensor, Te
     split points p (k+1,) from the midpoints, centroids from prefix sums.
     Returns sorted centroids (k,) and split points (k+1,).
     """
-    n, k = xs.numel(), c.numel()
+    n = xs.numel()
     ends = xs.new_tensor([0, n], dtype=torch.long)
     prev = None
     for _ in range(max_iter):
