@@ -150,7 +150,7 @@ def run(a: argparse.Namespace, out: Path) -> dict:
             wall = time.perf_counter() - t
             f = out / f"t{ti}-{method}"
             export_onnx(r.model, r.thetas, r.groups, x, f.with_suffix(".onnx"))
-            save(f.with_suffix(".safetensors"), r)
+            save(f.with_suffix(".safetensors"), r.model, r.thetas, r.groups)
             rep = size_report(f.with_suffix(".safetensors"))
             rows.append({"task": task, "method": {"dc": "DC", "finetune": "DC+FT", "lc": "LC"}[method],
                          "error": onnx_error(f.with_suffix(".onnx"), Xte, yte),

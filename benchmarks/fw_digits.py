@@ -21,7 +21,8 @@ import time
 import torch
 
 import lccompress as lcc
-from lccompress import digits, fw, multilevel
+from lccompress import digits, fw
+from lccompress.artifact import multilevel
 from lccompress.train import accuracy, evaluate
 
 LAYERS = ["fc1.weight", "fc2.weight", "fc3.weight"]
@@ -48,7 +49,7 @@ def run(seeds: list[int]) -> dict:
         ref = digits.train_reference(seed, data=data)
         add("reference/dense", error(ref, data["eval"]))
         for keep in KEEPS:
-            add(f"reference/{keep}", error(fw.one_shot(ref, LAYERS, keep=keep).model, data["eval"]))
+            add(f"reference/{keep}", error(lcc.one_shot(ref, LAYERS, keep=keep).model, data["eval"]))
         for name, lmo in SFW.items():
             t = time.perf_counter()
             refined = fw.sfw_refine(ref, data, {tuple(LAYERS): lmo}, seed=seed, **SFW_OPTS)

@@ -1,19 +1,24 @@
-"""lccompress: compress trained PyTorch models by direct compression and the LC algorithm."""
+"""lccompress: compress trained PyTorch models by direct compression and the LC algorithm.
+
+Layers, arrows one way (see README, "How the code is organised"):
+    cli (lccompress.cli) → api, sweep → methods → {lc, fw, train} and {artifact, checkpoint, report}
+    → {recipe, schemes} → {util, errors}
+"""
 
 from .errors import ConfigError, DivergenceError, LCError
-from .lc import LCConfig, LStepContext, Result, StepRecord, compress
-from .recipe import Group, Recipe, Rule
+from .lc import LCConfig, LStepContext, Result, StepRecord, one_shot
+from .methods import METHODS, compress
+from .recipe import Group, Recipe, Rule, Span
 from .schemes import (
     Additive, Binarize, Codebook, FixedCodebook, L0Penalty, L1Ball, L1Penalty, LowRank, Prune,
     RankSelection, ScaledBinarize, ScaledTernary, Scheme, Theta, kmeans_1d, registry,
     scheme_from_dict,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Additive", "Binarize", "Codebook", "ConfigError", "DivergenceError", "FixedCodebook", "Group",
-    "L0Penalty", "L1Ball", "L1Penalty", "LCConfig", "LCError", "LStepContext", "LowRank", "Prune",
-    "RankSelection", "Recipe", "Result", "Rule", "ScaledBinarize", "ScaledTernary", "Scheme",
-    "StepRecord", "Theta", "compress", "kmeans_1d", "registry", "scheme_from_dict",
+    "L0Penalty", "L1Ball", "L1Penalty", "LCConfig", "LCError", "LStepContext", "LowRank", "METHODS", "Prune",
+    "RankSelection", "Recipe", "Result", "Rule", "ScaledBinarize", "ScaledTernary", "Scheme", "Span",
+    "StepRecord", "Theta", "__version__", "compress", "kmeans_1d", "one_shot", "registry", "scheme_from_dict",
 ]

@@ -13,31 +13,28 @@ LC (Carreira-Perpiñán 2017) solves min_w L(w) s.t. w = Δ(θ) by the augmented
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import io
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .errors import ConfigError
+from .lc_state import LCState, fingerprint
 from .recipe import Group, Recipe
+from .schemes import LowRank, Prune
 from .schemes.base import Theta, merge_lc_defaults
-from .train import Guard, LossFn, MetricFn, accuracy, cross_entropy, evaluate, train_epochs
+from .train import (Guard, LossFn, MetricFn, accuracy, as_data, copy_module, cosine, cross_entropy, evaluate,
+                    resolve_device, seeded, train_epochs)
 
 log = logging.getLogger("lccompress")
 
-METHODS = ("dc", "idc", "lc", "finetune", "sfw", "fw-grow")
+METHODS = ("dc", "idc", "lc", "finetune")
 
 
 @dataclass(frozen=True)
@@ -167,30 +164,6 @@ class LStepContext:
 LStep = Callable[[nn.Module, Callable[[], Tensor], LStepContext], Any]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} asked for but CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device={device!r} must be auto, cpu, cuda or cuda:N") from None
-
-
-def _data(data: Any) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if isinstance(data, Mapping):
-        unknown = set(data) - {"train", "eval"}
-        if unknown:
-            raise ConfigError(f"data has keys {sorted(unknown)}; allowed: train, eval")
-        return {k: v for k, v in data.items() if v is not None}
-    return {"train": data}
-
-
 def compress(
     model: nn.Module,
     recipe: Recipe,
@@ -208,12 +181,8 @@ def compress(
     state_dir: str | Path | None = None,
     resume: bool = False,
 ) -> Result:
-    """Compress a trained model by `method`; the input model is not changed.
-
-    Methods: "dc", "idc", "lc", "finetune"; "sfw" (stochastic Frank-Wolfe refinement inside the
-    recipe's matching norm balls, `fw.SFW_DEFAULTS`, then one-shot DC); "fw-grow" (pruning recipes
-    only: the compressed weights grow from zero by Frank-Wolfe on the distillation loss against
-    the model, at most κ non-zeros by construction, then DC, which keeps them all).
+    """Compress a trained model by `method` ("dc", "idc", "lc", "finetune"); the input model is not
+    changed. (`lccompress.compress` adds the Frank-Wolfe methods "sfw" and "fw-grow".)
 
     `data` is a training DataLoader or {"train": ..., "eval": ...}; "dc" needs none. Each batch is
     (inputs, targets). `loss(output, target)` defaults to cross-entropy and `metric(outputs,
@@ -226,98 +195,41 @@ def compress(
         raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
     if not isinstance(recipe, Recipe):
         raise ConfigError(f"recipe={recipe!r} is not a Recipe")
-    data = _data(data)
+    data = as_data(data)
     if method != "dc" and "train" not in data and lstep is None:
         raise ConfigError(f"method {method!r} trains, so it needs training data (or an lstep function)")
     dev = resolve_device(device)
-    if method in ("sfw", "fw-grow"):
-        return _frank_wolfe(model, recipe, data, method, config, loss, metric, lstep, dev, seed)
-    run = _Run(_copy_module(model).to(dev), recipe, data, config, loss or cross_entropy,
+    run = _Run(copy_module(model).to(dev), recipe, data, config, loss or cross_entropy,
                metric or accuracy, lstep, dev, callback)
     run.on_epoch = on_epoch
     if state_dir is not None:
-        run.state = _State(Path(state_dir), _fingerprint(method, run, recipe, seed), resume)
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        shapes = {n: p.shape for n, p in run.params.items()}
+        run.state = LCState(Path(state_dir), fingerprint(method, run.cfg, recipe, seed, shapes), resume)
+    with seeded(seed, dev):
         return getattr(run, method)()
 
 
-def _frank_wolfe(model, recipe, data, method, config, loss, metric, lstep, device, seed) -> Result:
-    """method "sfw" / "fw-grow": Frank-Wolfe training (lccompress.fw), then one-shot DC."""
-    from .fw import GROW_DEFAULTS, SFW_DEFAULTS, constraints_for, fw_grow, sfw_refine
-    from .schemes import Prune
-
-    if lstep is not None:
-        raise ConfigError(f"method {method!r} trains with its own Frank-Wolfe steps; lstep= does not apply")
-    t = time.perf_counter()
-    if method == "sfw":
-        trained = sfw_refine(model, data, constraints_for(recipe, model), loss=loss, device=device, seed=seed,
-                             **SFW_DEFAULTS)
+def one_shot(
+    model: nn.Module,
+    params: str | Sequence[str],
+    *,
+    keep: float | None = None,
+    count: int | None = None,
+    rank: int | None = None,
+    joint: bool = True,
+    device: str | torch.device = "cpu",
+) -> Result:
+    """One-shot compression without training, by direct compression ("dc"): magnitude pruning
+    Prune(keep | count), one global top-κ over `params` when `joint`, or truncated SVD
+    LowRank(rank) per tensor. Returns the `Result` (model = Δ(θ), θ, bits)."""
+    if (rank is None) == (keep is None and count is None):
+        raise ConfigError("one_shot needs either keep / count (pruning) or rank (low rank)")
+    params = [params] if isinstance(params, str) else list(params)
+    if rank is not None:
+        recipe = Recipe.single(params, LowRank(rank))
     else:
-        groups = recipe.groups(model)
-        if len(groups) != 1 or not isinstance(groups[0].scheme, Prune):
-            raise ConfigError("fw-grow grows one sparse constraint: give a single pruning rule (joint for several layers)")
-        count = groups[0].scheme.kappa(groups[0].shape.numel())
-        trained = fw_grow(model, model, data, count=count, params=list(groups[0].params), device=device,
-                          seed=seed, **GROW_DEFAULTS)
-    seconds = time.perf_counter() - t
-    r = compress(trained, recipe, data, method="dc", config=config, metric=metric, device=device, seed=seed)
-    r.method = method
-    r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
-    return r
-
-
-def _copy_module(model: nn.Module) -> nn.Module:
-    """An independent copy; a TorchScript module goes through save/load (deepcopy would leave
-    its parameters as non-leaf clones that an optimizer refuses)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        buf = io.BytesIO()
-        torch.jit.save(model, buf)
-        buf.seek(0)
-        return torch.jit.load(buf, map_location="cpu")
-    return copy.deepcopy(model)
-
-
-def _fingerprint(method: str, run: "_Run", recipe: Recipe, seed: int) -> str:
-    spec = {"method": method, "config": asdict(run.cfg), "recipe": recipe.to_dict(), "seed": seed,
-            "params": {n: list(p.shape) for n, p in run.params.items()}}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class _State:
-    """LC state saved after each step (atomically), to resume an interrupted run exactly."""
-
-    FILE = "lc_state.pt"
-
-    def __init__(self, directory: Path, fingerprint: str, resume: bool) -> None:
-        self.dir, self.fingerprint, self.resume = directory, fingerprint, resume
-
-    def load(self) -> dict | None:
-        path = self.dir / self.FILE
-        if not self.resume or not path.exists():
-            return None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable state is reported the same way
-            raise ConfigError(f"{path}: unreadable LC state ({str(e).splitlines()[0]}); delete it to start over") from None
-        if state.get("fingerprint") != self.fingerprint:
-            raise ConfigError(f"{path} was written by a run with other settings; delete it or drop --resume")
-        return state
-
-    def save(self, state: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        state = {**state, "fingerprint": self.fingerprint}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lc_state.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / self.FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        recipe = Recipe.single(params, Prune(keep=keep, count=count), joint=joint)
+    return compress(model, recipe, method="dc", config=LCConfig(), device=device)
 
 
 class _Run:
@@ -336,7 +248,7 @@ class _Run:
         self.t = {"lstep": 0.0, "cstep": 0.0, "eval": 0.0}
         self.t0 = time.perf_counter()
         self.history: list[StepRecord] = []
-        self.state: _State | None = None
+        self.state: LCState | None = None
         self.on_epoch: Callable[[int, int], None] | None = None
 
     # -- resumable state ---------------------------------------------------------------------
@@ -530,7 +442,7 @@ class _Run:
         task = train_epochs(forward, self.data["train"], [(free, cfg.lr), (self.dense, cfg.lr)],
                             epochs=total, loss_fn=self.loss, device=self.device,
                             momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                            lr_factor=lambda e: 0.5 * (1 + math.cos(math.pi * e / max(1, total))),
+                            lr_factor=lambda e: cosine(e, total),
                             guard=self.guard, where="fine-tuning", on_epoch=self.on_epoch)
         self.t["lstep"] += time.perf_counter() - t
         thetas = {name: {k: v.detach() for k, v in th.items()} for name, th in thetas.items()}

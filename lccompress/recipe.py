@@ -53,13 +53,13 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Group:
-    """One constraint: a scheme over one parameter, or over several flattened and concatenated."""
+class Span:
+    """Named parameters seen as one tensor: the parameter itself, or several flattened and
+    concatenated (a joint constraint)."""
 
     name: str
     params: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
-    scheme: Scheme
 
     @property
     def shape(self) -> torch.Size:
@@ -78,6 +78,13 @@ class Group:
             return {self.params[0]: w.reshape(self.shapes[0])}
         sizes = [s.numel() for s in self.shapes]
         return {p: t.reshape(s) for p, t, s in zip(self.params, torch.split(w.reshape(-1), sizes), self.shapes)}
+
+
+@dataclass(frozen=True)
+class Group(Span):
+    """One constraint: a scheme over a span of parameters."""
+
+    scheme: Scheme
 
     # convenience over the scheme
     def compress(self, tensors: Mapping[str, Tensor], init: Theta | None = None, mu: float | None = None) -> Theta:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .artifact.container import atomic_write
+from .util import atomic_write
 
 
 def per_class(outputs_ref: Tensor, outputs_new: Tensor, targets: Tensor) -> list[dict[str, Any]]:
@@ -100,6 +100,6 @@ def summary_text(s: Mapping[str, Any]) -> str:
 
 
 def versions() -> dict[str, str]:
-    from . import __version__
+    from .version import __version__
 
     return {"lccompress_version": __version__, "torch_version": torch.__version__}

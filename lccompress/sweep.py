@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from .artifact import save as save_artifact
-from .artifact.container import atomic_write
 from .errors import ConfigError
-from .fw import SFW_DEFAULTS, compressible, constraints_for, sfw_refine
-from .lc import METHODS, LCConfig, Result, _data, compress, resolve_device
+from .fw import compressible
+from .lc import LCConfig, Result
+from .methods import METHODS, compress
 from .recipe import Recipe
 from .schemes import Codebook, LowRank, Prune
-from .train import LossFn, MetricFn, accuracy, evaluate
+from .train import LossFn, MetricFn, accuracy, as_data, evaluate, resolve_device
+from .util import atomic_write
 
 KINDS = ("keep", "bits", "rank")
 
@@ -83,7 +84,7 @@ def sweep(
     default, plotted as error = 100·(1 − accuracy) %). `params` defaults to every ≥ 2-D weight;
     `sfw` overrides SFW_DEFAULTS; `callback(method, level, point)` runs after each point.
     """
-    d = _data(data)
+    d = as_data(data)
     if "eval" not in d:
         raise ConfigError("sweep needs evaluation data: pass {'train': ..., 'eval': ...}")
     if kind not in KINDS:
@@ -97,7 +98,6 @@ def sweep(
     params = list(params) if params is not None else compressible(model)
     for level in levels:  # fail before any work on a bad level
         recipe_for(kind, level, params).groups(model)
-    opts = {**SFW_DEFAULTS, **(sfw or {})}
     os.makedirs(out_dir, exist_ok=True)
     json_path, svg_path = os.path.join(out_dir, "curve.json"), os.path.join(out_dir, "curve.svg")
     dev = resolve_device(device)
@@ -119,16 +119,11 @@ def sweep(
         for level in levels:
             t = time.perf_counter()
             recipe = recipe_for(kind, level, params)
-            if m == "sfw":
-                refined = sfw_refine(model, d, constraints_for(recipe, model), loss=loss, device=dev,
-                                     seed=seed, **opts)
-                r = compress(refined, recipe, d, method="dc", metric=metric, device=dev, seed=seed)
-            else:
-                r = compress(model, recipe, d, method=m, config=config, loss=loss, metric=metric,
-                             device=dev, seed=seed)
+            r = compress(model, recipe, d, method=m, config=config, loss=loss, metric=metric, device=dev,
+                         seed=seed, sfw=sfw)
             seconds = time.perf_counter() - t
             name = f"{m}-{kind}{level}.safetensors"
-            size = save_artifact(os.path.join(out_dir, name), r, recipe=recipe)
+            size = save_artifact(os.path.join(out_dir, name), r.model, r.thetas, r.groups, recipe=recipe)
             p = {**_point(level, r.metric, metric, size, _theta_bytes(r), r.ratio, seconds), "artifact": name}
             curves[m].append(p)
             flush()

@@ -1,4 +1,8 @@
-"""The default L step: SGD over a user DataLoader, with a NaN guard; and evaluation.
+"""The training loop every method uses (LC's L steps, iDC, fine-tuning, SFW, fw-grow), with its
+one NaN guard; losses, evaluation, data and device conventions.
+
+    train_loop(objective, loader, stepper, epochs=…)   one loop: objective → backward → stepper.step()
+    train_epochs(forward, loader, [(params, lr)], …)    the same with SGD (the default L step)
 
 `forward(x)` is the model's output; for LC it is the model itself, for fine-tuning with the
 compression held fixed it runs the model with weights Δ(θ) (torch.func.functional_call).
@@ -6,13 +10,16 @@ compression held fixed it runs the model with weights Δ(θ) (torch.func.functio
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import logging
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import ConfigError, DivergenceError
 
@@ -24,6 +31,25 @@ MetricFn = Callable[[Tensor, Any], float]
 
 def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(output, target)
+
+
+def distill_loss(kind: str = "kl", temperature: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """Distillation loss of student logits s against the teacher's t: T²·KL(softmax(t/T) ‖
+    softmax(s/T)), batch mean ("kl"), or the mean squared difference of the logits ("mse")."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ConfigError(f"temperature={temperature!r} must be a positive number")
+    if kind == "kl":
+        T = float(temperature)
+        return lambda s, t: F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
+                                     reduction="batchmean", log_target=True) * T * T
+    if kind == "mse":
+        return lambda s, t: F.mse_loss(s, t)
+    raise ConfigError(f"distill={kind!r} must be 'kl' or 'mse'")
+
+
+def cosine(e: int, total: int) -> float:
+    """Cosine learning-rate factor of epoch e of `total`: ½(1 + cos(π·e/total))."""
+    return 0.5 * (1 + math.cos(math.pi * e / max(1, total)))
 
 
 def accuracy(output: Tensor, target: Tensor) -> float:
@@ -41,6 +67,90 @@ def split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
         raise ConfigError(f"a batch must be (inputs, targets); got {type(batch).__name__}"
                           f"{' of length ' + str(len(batch)) if isinstance(batch, (list, tuple)) else ''}")
     return _to(x, device), _to(y, device)
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The inputs of a batch: the batch itself if it is a tensor, else (x, y)[0] or {"x": …}["x"]."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict) and "x" in batch:
+        return batch["x"]
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0]
+    raise ConfigError(f"a batch must be (inputs, targets) or inputs; got {type(batch).__name__}")
+
+
+def first_batch(loader: Iterable, what: str) -> Any:
+    """The loader's first batch; a loader that is empty or raises becomes one clear ConfigError."""
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise ConfigError(f"the {what} data loader yields no batches") from None
+    except Exception as e:  # noqa: BLE001 - user code
+        raise ConfigError(f"the {what} data loader raised {type(e).__name__}: {e}") from None
+
+
+class Teacher:
+    """Batches (x, reference(x)) from batches x or (x, y): distillation needs no labels; with
+    `argmax` the targets are the reference's predicted classes."""
+
+    def __init__(self, loader: Iterable, teacher: nn.Module, device: torch.device, argmax: bool = False) -> None:
+        self.loader, self.teacher, self.device, self.argmax = loader, teacher, device, argmax
+
+    def __iter__(self):
+        for b in self.loader:
+            x = batch_inputs(b).to(self.device)
+            with torch.no_grad():
+                t = self.teacher(x)
+            yield x, (t.argmax(-1) if self.argmax else t)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+
+def as_data(data: Any) -> dict[str, Any]:
+    """{"train": …, "eval": …} from a mapping with those keys or a bare training loader (None: {})."""
+    if data is None:
+        return {}
+    if isinstance(data, Mapping):
+        unknown = set(data) - {"train", "eval"}
+        if unknown:
+            raise ConfigError(f"data has keys {sorted(unknown)}; allowed: train, eval")
+        return {k: v for k, v in data.items() if v is not None}
+    return {"train": data}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" → CUDA when available, else the CPU; "cpu", "cuda", "cuda:N" as given (checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} asked for but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} must be auto, cpu, cuda or cuda:N") from None
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNGs (and the device's) forked and seeded inside: same seed, same bytes."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """An independent copy; a TorchScript module goes through save/load (deepcopy would leave
+    its parameters as non-leaf clones that an optimizer refuses)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location="cpu")
+    return copy.deepcopy(model)
 
 
 def _to(v: Any, device: torch.device) -> Any:
@@ -67,6 +177,103 @@ class Guard:
         log.warning("non-finite values in %s: restored the last good state, learning rate × %g", where, self.scale)
 
 
+class Stepper(Protocol):
+    """What `train_loop` steps with: an optimizer over `params`, able to snapshot and restore
+    everything it changes (for the NaN guard)."""
+
+    params: list[Tensor]
+
+    def set_lr(self, factor: float) -> None: ...
+    def zero_grad(self) -> None: ...
+    def step(self) -> None: ...
+    def snapshot(self) -> Any: ...
+    def restore(self, snap: Any) -> None: ...
+
+
+class SGDStepper:
+    """SGD (momentum, Nesterov, weight decay) over (tensors, learning rate) groups."""
+
+    def __init__(self, groups: Sequence[tuple[list[Tensor], float]], *, momentum: float = 0.9, nesterov: bool = True,
+                 weight_decay: float = 0.0) -> None:
+        self.groups = [(ps, lr) for ps, lr in groups if ps]
+        self.params = [p for ps, _ in self.groups for p in ps]
+        self.opt = torch.optim.SGD([{"params": ps, "lr": lr} for ps, lr in self.groups], lr=self.groups[0][1],
+                                   momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+
+    def set_lr(self, factor: float) -> None:
+        for pg, (_, lr) in zip(self.opt.param_groups, self.groups):
+            pg["lr"] = lr * factor
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.opt.step()
+
+    def snapshot(self) -> list[Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def restore(self, snap: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, snap):
+                p.copy_(s)
+        self.opt.state.clear()
+
+
+def train_loop(
+    objective: Callable[[Any, Any], tuple[Tensor, Tensor]],
+    loader: Iterable,
+    stepper: Stepper,
+    *,
+    epochs: int,
+    device: torch.device,
+    lr_factor: Callable[[int], float] = lambda e: 1.0,
+    guard: Guard | None = None,
+    where: str = "training",
+    on_epoch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> float:
+    """Train `epochs` epochs: per batch (x, y), objective(x, y) → (task loss, what to minimize),
+    backward, stepper.step(); returns the last epoch's mean task loss.
+
+    The NaN guard: at each epoch's end the loss and the weights are checked (no host sync per
+    batch); if anything is non-finite the epoch's starting state is restored, the guard halves
+    the learning rate, and the epoch runs again (the 4th time: DivergenceError).
+    `on_epoch(done, epochs)` follows each epoch, `on_step(steps)` each optimizer step.
+    """
+    guard = guard or Guard()
+    last = float("nan")
+    e = steps = 0
+    while e < epochs:
+        snap = stepper.snapshot()
+        stepper.set_lr(lr_factor(e) * guard.scale)
+        total = torch.zeros((), device=device, dtype=torch.float64)
+        count = 0
+        for batch in loader:
+            x, y = split_batch(batch, device)
+            loss, obj = objective(x, y)
+            stepper.zero_grad()
+            obj.backward()
+            stepper.step()
+            total += loss.detach().double()
+            count += 1
+            steps += 1
+            if on_step is not None:
+                on_step(steps)
+        if count == 0:
+            raise ConfigError("the training data loader yielded no batches")
+        finite = torch.isfinite(total) & torch.stack([torch.isfinite(p).all() for p in stepper.params]).all()
+        if not bool(finite):
+            stepper.restore(snap)
+            guard.fail(where)
+            continue
+        last = float(total) / count
+        e += 1
+        if on_epoch is not None:
+            on_epoch(e, epochs)
+    return last
+
+
 def train_epochs(
     forward: Callable[[Any], Tensor],
     loader: Iterable,
@@ -84,49 +291,15 @@ def train_epochs(
     where: str = "training",
     on_epoch: Callable[[int, int], None] | None = None,
 ) -> float:
-    """Train `epochs` epochs of SGD on loss_fn(forward(x), y) + extra(); return the last epoch's mean loss.
+    """`train_loop` with SGD on loss_fn(forward(x), y) + extra(); `groups` are (tensors, learning rate)."""
 
-    `groups` are (tensors, learning rate) pairs. At each epoch's end the loss and the weights are
-    checked; if anything is non-finite the epoch's starting state is restored, the guard halves
-    the learning rate, and the epoch runs again. `on_epoch(done, epochs)` follows each epoch.
-    """
-    guard = guard or Guard()
-    groups = [(ps, lr) for ps, lr in groups if ps]
-    opt = torch.optim.SGD([{"params": ps, "lr": lr} for ps, lr in groups], lr=groups[0][1],
-                          momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
-    tensors = [p for ps, _ in groups for p in ps]
-    last = float("nan")
-    e = 0
-    while e < epochs:
-        snap = [p.detach().clone() for p in tensors]
-        for pg, (_, lr) in zip(opt.param_groups, groups):
-            pg["lr"] = lr * lr_factor(e) * guard.scale
-        total = torch.zeros((), device=device, dtype=torch.float64)
-        count = 0
-        for batch in loader:
-            x, y = split_batch(batch, device)
-            loss = loss_fn(forward(x), y)
-            obj = loss + extra() if extra is not None else loss
-            opt.zero_grad(set_to_none=True)
-            obj.backward()
-            opt.step()
-            total += loss.detach().double()
-            count += 1
-        if count == 0:
-            raise ConfigError("the training data loader yielded no batches")
-        finite = torch.isfinite(total) & torch.stack([torch.isfinite(p).all() for p in tensors]).all()
-        if not bool(finite):
-            with torch.no_grad():
-                for p, s in zip(tensors, snap):
-                    p.copy_(s)
-            opt.state.clear()
-            guard.fail(where)
-            continue
-        last = float(total) / count
-        e += 1
-        if on_epoch is not None:
-            on_epoch(e, epochs)
-    return last
+    def objective(x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        loss = loss_fn(forward(x), y)
+        return loss, (loss + extra() if extra is not None else loss)
+
+    stepper = SGDStepper(groups, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    return train_loop(objective, loader, stepper, epochs=epochs, device=device, lr_factor=lr_factor, guard=guard,
+                      where=where, on_epoch=on_epoch)
 
 
 @torch.no_grad()
@@ -150,3 +323,41 @@ def evaluate(
     if not math.isfinite(value):
         log.warning("the metric is %s", value)
     return value, out, y
+
+
+@torch.no_grad()
+def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 50,
+                    device: str | torch.device | None = None) -> nn.Module:
+    """Recompute every BatchNorm's running statistics on `batches` batches of data (in place).
+
+    The stats are reset and re-estimated as cumulative averages of the batch statistics
+    (momentum=None) with the model in train mode; momentum and mode are restored after.
+    """
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ConfigError(f"batches={batches!r} must be an integer ≥ 1")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    modes = {m: m.training for m in model.modules()}
+    moms = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        seen = 0
+        for batch in loader:
+            if seen >= batches:
+                break
+            x, _ = split_batch(batch, dev)
+            model(x)
+            seen += 1
+        if seen == 0:
+            raise ConfigError("the loader for BatchNorm recalibration yielded no batches")
+    finally:
+        for m, mom in zip(bns, moms):
+            m.momentum = mom
+        for m, t in modes.items():
+            m.train(t)
+    return model

@@ -14,7 +14,8 @@ from torch import nn
 
 import lccompress as lc
 from lccompress.artifact import ArtifactError, load, load_into_, save, size_report, split_lowrank_
-from lccompress.artifact.container import META_KEY, delta_decode, delta_encode, seal, unseal
+from lccompress.artifact.container import META_KEY, seal, unseal
+from lccompress.schemes.codecs import delta_decode, delta_encode
 from lccompress.digits import MLP
 from nets import SCHEMES, ConvNet
 
@@ -59,7 +60,7 @@ def same(a, b):
 def test_round_trip_is_exact(tmp_path, kind, name):
     model, recipe, res, _ = dc(kind, name)
     path = tmp_path / "m.safetensors"
-    save(path, res, recipe=recipe)
+    save(path, res.model, res.thetas, res.groups, recipe=recipe)
     thetas, groups, sd = load(path)
     want = truth(res)
     dense = {k: v for k, v in model.state_dict().items() if k not in want}
@@ -82,7 +83,7 @@ def test_round_trip_is_exact(tmp_path, kind, name):
 def test_read_back_in_a_fresh_interpreter(tmp_path):
     _, _, res, _ = dc("conv", "additive")
     path, out = tmp_path / "m.safetensors", tmp_path / "sd.safetensors"
-    save(path, res)
+    save(path, res.model, res.thetas, res.groups)
     code = ("import sys, safetensors.torch; from lccompress.artifact import load; "
             "safetensors.torch.save_file(load(sys.argv[1]).state_dict, sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, timeout=60)
@@ -93,7 +94,7 @@ def test_read_back_in_a_fresh_interpreter(tmp_path):
 
 def test_plain_safetensors_readers_open_it(tmp_path):
     _, _, res, _ = dc("mlp", "codebook")
-    save(tmp_path / "m.safetensors", res)
+    save(tmp_path / "m.safetensors", res.model, res.thetas, res.groups)
     with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert {"fc1.bias", "fc1.weight.codes", "fc1.weight.codebook"} <= keys and "fc1.weight" not in keys
@@ -112,7 +113,7 @@ def test_split_lowrank_layers_are_smaller_and_agree(tmp_path):
     for kind in ("mlp", "conv"):
         model, _, res, x = dc(kind, "lowrank")
         path = tmp_path / f"{kind}.safetensors"
-        save(path, res)
+        save(path, res.model, res.thetas, res.groups)
         dense = load_into_(make(kind)[0], path).eval()
         split = load_into_(make(kind)[0], path, split_lowrank=True).eval()
         names = [g.params[0].rpartition(".")[0] for g in res.groups]
@@ -166,7 +167,7 @@ def test_file_size_matches_accounted_bits(tmp_path, name):
 def artifact(tmp_path):
     _, recipe, res, _ = dc("mlp", "codebook")
     path = tmp_path / "m.safetensors"
-    save(path, res, recipe=recipe)
+    save(path, res.model, res.thetas, res.groups, recipe=recipe)
     return path
 
 
@@ -267,7 +268,7 @@ def test_write_is_atomic(artifact, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        save(artifact, res)
+        save(artifact, res.model, res.thetas, res.groups)
     assert artifact.read_bytes() == before and os.listdir(artifact.parent) == [artifact.name]
     with pytest.raises(ArtifactError, match="no θ for group"):
         save(artifact, res.model, {}, res.groups)
@@ -277,6 +278,6 @@ def test_float64_model_keeps_its_dtype(tmp_path):
     model = MLP().double()
     recipe = lc.Recipe((lc.Rule(("fc1.weight",), lc.Binarize()), lc.Rule(("fc2.weight",), lc.Prune(keep=0.1))))
     res = lc.compress(model, recipe, method="dc", device="cpu")
-    save(tmp_path / "m.safetensors", res)
+    save(tmp_path / "m.safetensors", res.model, res.thetas, res.groups)
     sd = load(tmp_path / "m.safetensors").state_dict
     assert all(same(sd[k], v) for k, v in res.model.state_dict().items())

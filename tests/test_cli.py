@@ -246,7 +246,7 @@ def test_bad_input_gives_one_line_no_traceback_no_output(fx, tmp_path):
 
 def test_sigkill_then_resume_gives_the_same_bytes(fx, tmp_path):
     def cmd(out, *extra):
-        return [sys.executable, "-m", "lccompress.cli", "quantize", fx["ckpt"], "--codebook", "2", "--model",
+        return [sys.executable, "-m", "lccompress", "quantize", fx["ckpt"], "--codebook", "2", "--model",
                 fx["model"], "--data", fx["data"], "--steps", "6", "--epochs", "2", "--first-epochs", "2",
                 "--device", "cpu", "-o", str(out), *extra]
 
@@ -277,7 +277,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_multilevel_extract_and_sweep(fx, tmp_path):
     from lccompress.artifact import load
-    from lccompress.multilevel import extract as extract_level
+    from lccompress.artifact.multilevel import extract as extract_level
 
     multi = tmp_path / "multi.safetensors"
     run("multilevel", fx["ckpt"], "--keep", "0.5,0.2,0.1", "-o", multi)

@@ -289,7 +289,7 @@ def test_fw_grow_bad_count_raises(toy):
 def test_one_shot_prunes_to_the_global_magnitude_mask(toy):
     model, _ = toy
     names = ["fc1.weight", "fc2.weight"]
-    res = fw.one_shot(model, names, keep=0.25)
+    res = lcc.one_shot(model, names, keep=0.25)
     flat = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
     kept = torch.zeros_like(flat, dtype=torch.bool)
     kept[torch.topk(flat.abs(), round(0.25 * flat.numel())).indices] = True
@@ -308,7 +308,7 @@ def test_constraints_for_a_recipe(toy):
 
 def test_one_shot_low_rank_and_filters(toy):
     model, _ = toy
-    res = fw.one_shot(model, "fc1.weight", rank=2)
+    res = lcc.one_shot(model, "fc1.weight", rank=2)
     assert int(torch.linalg.matrix_rank(res.model.fc1.weight.detach())) == 2
     out = fw.prune_filters(model, ["fc1.weight"], keep=0.25)
     rows = model.fc1.weight.detach().norm(dim=1)
@@ -316,4 +316,4 @@ def test_one_shot_low_rank_and_filters(toy):
     for i in range(12):
         assert torch.equal(out.fc1.weight[i], model.fc1.weight[i] if i in keep else torch.zeros(6))
     with pytest.raises(lcc.ConfigError):
-        fw.one_shot(model, "fc1.weight")
+        lcc.one_shot(model, "fc1.weight")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import lccompress as lcc
-from lccompress import multilevel as ml
+from lccompress import api, train
+from lccompress.artifact import multilevel as ml
 from lccompress.digits import MLP
 
 KEEPS = [0.5, 0.2, 0.1, 0.05]
@@ -98,7 +99,7 @@ def test_rank_levels_equal_truncated_svd(tmp_path, mlp):
 def test_load_level_fills_a_model_and_bad_levels_raise(tmp_path, mlp):
     path = tmp_path / "m.safetensors"
     ml.save_multilevel(path, mlp, ml.build_levels(mlp, LAYERS, KEEPS))
-    m = ml.load_level_(MLP(), path, 2)
+    m = api.load_level_(MLP(), path, 2)
     assert int((m.fc1.weight != 0).sum() + (m.fc2.weight != 0).sum() + (m.fc3.weight != 0).sum()) == round(0.2 * 50200)
     with pytest.raises(lcc.ConfigError, match="level=5"):
         ml.extract(path, 5)
@@ -129,7 +130,7 @@ def test_recalibrate_bn_estimates_the_data_statistics():
     model.eval()
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(16, 5, generator=g) * 3 + 1, torch.zeros(16)) for _ in range(4)]
-    ml.recalibrate_bn_(model, batches, batches=3)
+    train.recalibrate_bn_(model, batches, batches=3)
     with torch.no_grad():
         pre = [model[0](x) for x, _ in batches[:3]]  # the BatchNorm's inputs
     torch.testing.assert_close(model[1].running_mean, torch.cat(pre).mean(0))

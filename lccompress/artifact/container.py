@@ -1,13 +1,8 @@
 """Compressed safetensors container: a plain .safetensors file any reader opens.
 
     <name>           dense tensors (parameters no rule compresses, buffers), unchanged
-    <group>.<part>   one tensor per θ part, in the smallest of these encodings:
-      raw      as is (kept values, codebooks, factors, scales)
-      mask     sorted positions i ∈ [0, n) as a bit mask: ⌈n/8⌉ bytes, bit i mod 8 of byte ⌊i/8⌋
-      delta    positions as gaps g₀ = i₀, gⱼ = iⱼ − iⱼ₋₁ − 1 in uint8/16/32; a gap g ≥ M = 2ᵇ − 1 is
-               written as ⌊g/M⌋ escapes M followed by g mod M, so iⱼ = Σ_{t≤j}(gₜ + 1) − 1
-      bitpack  codes z ∈ [0, 2ᵇ) at b = ⌈log₂ k⌉ bits each, least significant bit first,
-               ⌈n·b/8⌉ bytes
+    <group>.<part>   one tensor per θ part, encoded by the codec its scheme names for it
+                     (`Scheme.codecs`; raw, mask, delta, bitpack: see `schemes.codecs`)
     __metadata__["lccompress"]   JSON manifest: format and versions, the recipe, per group the
                                  scheme, params, shapes, dtype, bits and part encodings, and a
                                  BLAKE2b-64 digest of every tensor's dtype, shape and bytes;
@@ -18,181 +13,47 @@ write the file can recompute them).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 import safetensors.torch
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..errors import LCError
-from ..lc import Result
 from ..recipe import Group, Recipe
-from ..schemes.base import Scheme, Theta, code_bits, scheme_from_dict
+from ..schemes.base import Theta, scheme_from_dict
+from ..schemes.codecs import RAW, decode_part, dtype_name, dtype_of
+from ..util import atomic_write
+from ..version import __version__
 
 FORMAT = "lccompress.artifact"
 FORMAT_VERSION = 1
 META_KEY = "lccompress"
 DIGEST_FIELD = ',"manifest_digest":"'
-_CHUNK = 1 << 20  # elements per bit-packing chunk, a multiple of 8 so chunks end on whole bytes
-_UINTS = (np.uint8, np.uint16, np.uint32)
 
 
 class ArtifactError(LCError, ValueError):
     """An artifact cannot be written or read: unreadable, tampered, inconsistent or unfit."""
 
 
-# ----------------------------------------------------------------------------- bit packing
-def pack_bits(z: np.ndarray, b: int) -> np.ndarray:
-    """Codes z (n,) with 0 ≤ z < 2ᵇ, b ≤ 16, as a little-endian bit stream (⌈n·b/8⌉,) uint8."""
-    z = np.asarray(z).reshape(-1)
-    out = []
-    for s in range(0, z.size, _CHUNK):
-        c = z[s:s + _CHUNK].astype("<u2")
-        bits = np.unpackbits(c.view(np.uint8).reshape(-1, 2), axis=1, bitorder="little")[:, :b]  # (c, b)
-        out.append(np.packbits(bits.reshape(-1), bitorder="little"))
-    return np.concatenate(out) if out else np.zeros(0, np.uint8)
-
-
-def unpack_bits(p: np.ndarray, n: int, b: int) -> np.ndarray:
-    """Inverse of `pack_bits`: n codes (n,) uint16 from the stream p."""
-    out = []
-    for s in range(0, n, _CHUNK):
-        c = min(_CHUNK, n - s)
-        bits = np.unpackbits(p[s * b // 8:], count=c * b, bitorder="little").reshape(c, b)  # (c, b)
-        bits = np.pad(bits, ((0, 0), (0, 16 - b)))
-        out.append(np.packbits(bits, axis=1, bitorder="little").view("<u2").reshape(c))
-    return np.concatenate(out) if out else np.zeros(0, np.uint16)
-
-
-def _escaped_len(g: np.ndarray, dt: type) -> int:
-    return int((g // np.iinfo(dt).max).sum()) + g.size
-
-
-def delta_encode(idx: np.ndarray, dt: type) -> np.ndarray:
-    """Strictly increasing positions (nnz,) as escaped gaps in the unsigned dtype dt."""
-    g = np.diff(idx.astype(np.int64), prepend=-1) - 1  # (nnz,) ≥ 0
-    M = np.iinfo(dt).max
-    q = g // M
-    out = np.full(int(q.sum()) + g.size, M, dtype=dt)
-    out[np.cumsum(q + 1) - 1] = g % M
-    return out
-
-
-def delta_decode(x: np.ndarray) -> np.ndarray:
-    """Positions (nnz,) int64 from escaped gaps: a gap is the sum of a run of escapes and its terminator."""
-    if x.size and x[-1] == np.iinfo(x.dtype).max:
-        raise ValueError("the gap stream ends in an escape")
-    term = x != np.iinfo(x.dtype).max
-    g = np.diff(np.cumsum(x, dtype=np.int64)[term], prepend=0)
-    return np.cumsum(g + 1) - 1
-
-
 # ----------------------------------------------------------------------------- θ part encodings
-def levels(scheme: Scheme, key: str) -> int | None:
-    """Number k of distinct codes of θ part `key` ("codes", or "1.codes" of an additive term)."""
-    head, _, rest = key.partition(".")
-    if rest and head.isdigit() and isinstance(getattr(scheme, "terms", None), tuple):
-        terms = scheme.terms
-        return levels(terms[int(head)], rest) if int(head) < len(terms) else None
-    for attr in ("k", "values", "table"):
-        v = getattr(scheme, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-        if isinstance(v, tuple) and v:
-            return len(v)
-    return None
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
-def _dtype(name: Any) -> torch.dtype:
-    dt = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dt, torch.dtype):
-        raise ArtifactError(f"unknown dtype {name!r} in the manifest")
-    return dt
-
-
-def _np_dtype(dt: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dt).numpy().dtype
-
-
-def encode_part(key: str, t: Tensor, n: int, k: int | None) -> tuple[Tensor, dict[str, Any]]:
-    """One θ part as (stored tensor, manifest entry); n = numel of the group, k = code count."""
-    t = t.detach().cpu().contiguous()
-    info: dict[str, Any] = {"enc": "raw", "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
-    last = key.rpartition(".")[2]
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.numel() == 0:
-        return t, info
-    a = t.numpy().reshape(-1)
-    if last == "indices" and t.dim() == 1 and a[0] >= 0 and a[-1] < n and bool((np.diff(a) > 0).all()):
-        g = np.diff(a.astype(np.int64), prepend=-1) - 1
-        sizes = {dt: _escaped_len(g, dt) * np.dtype(dt).itemsize for dt in _UINTS}
-        best = min(sizes, key=sizes.get)
-        if math.ceil(n / 8) <= sizes[best]:
-            m = np.zeros(n, np.uint8)
-            m[a] = 1
-            return torch.from_numpy(np.packbits(m, bitorder="little")), {**info, "enc": "mask"}
-        return torch.from_numpy(delta_encode(a, best)), {**info, "enc": "delta"}
-    if last == "codes" and a.min() >= 0 and a.max() < 1 << 16:
-        b = max(code_bits(k) if k else 1, int(a.max()).bit_length())
-        return torch.from_numpy(pack_bits(a, b)), {**info, "enc": "bitpack", "bits": b}
-    return t, info
-
-
-def decode_part(s: Tensor, info: Mapping[str, Any], n: int) -> Tensor:
-    """Inverse of `encode_part`; raises ValueError naming what does not fit."""
-    enc, dt, shape = info.get("enc"), _dtype(info.get("dtype")), tuple(info.get("shape", ()))
-    count = math.prod(shape)
-    if enc == "raw":
-        if s.dtype != dt or tuple(s.shape) != shape:
-            raise ValueError(f"is {_dtype_name(s.dtype)} {tuple(s.shape)}, the manifest says {_dtype_name(dt)} {shape}")
-        return s
-    a = s.numpy()
-    if enc == "mask":
-        if s.dtype != torch.uint8 or a.shape != (math.ceil(n / 8),):
-            raise ValueError(f"is a {tuple(s.shape)} {_dtype_name(s.dtype)} mask, expected ({math.ceil(n / 8)},) uint8")
-        out = np.flatnonzero(np.unpackbits(a, count=n, bitorder="little"))
-    elif enc == "delta":
-        if a.dtype not in _UINTS or a.ndim != 1:
-            raise ValueError(f"is {_dtype_name(s.dtype)} {tuple(s.shape)}, expected 1-D uint8/16/32 gaps")
-        out = delta_decode(a)
-        if out.size and out[-1] >= n:
-            raise ValueError(f"has position {out[-1]} beyond the group's {n} elements")
-    elif enc == "bitpack":
-        b = info.get("bits")
-        if not isinstance(b, int) or not 1 <= b <= 16 or s.dtype != torch.uint8 or a.shape != (math.ceil(count * b / 8),):
-            raise ValueError(f"is {_dtype_name(s.dtype)} {tuple(s.shape)}, expected ({math.ceil(count * b / 8)},) "
-                             f"uint8 for {count} codes of {b} bits" if isinstance(b, int) else f"has bits={b!r}")
-        out = unpack_bits(a, count, b)
-    else:
-        raise ValueError(f"has unknown encoding {enc!r}")
-    if out.size != count:
-        raise ValueError(f"decodes to {out.size} elements, the manifest says shape {shape}")
-    return torch.from_numpy(out.astype(_np_dtype(dt))).reshape(shape)
-
-
 def encode_theta(group: Group, theta: Theta, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """θ of a group as stored tensors {"<group>.<part>": tensor} and the group's manifest entry;
     `dtype` is the parameters' (default: that of θ's first floating-point part, else float32)."""
     n = group.shape.numel()
+    codecs = group.scheme.codecs(theta)
     stored, parts = {}, {}
     for key, t in theta.items():
-        stored[f"{group.name}.{key}"], parts[key] = encode_part(key, t, n, levels(group.scheme, key))
+        stored[f"{group.name}.{key}"], parts[key] = codecs.get(key, RAW).encode(t.detach().cpu().contiguous(), n)
     dtype = dtype or next((t.dtype for t in theta.values() if t.is_floating_point()), torch.float32)
     entry = {
         "scheme": group.scheme.to_dict(), "params": list(group.params), "shapes": [list(s) for s in group.shapes],
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "bits": sum(t.numel() * t.element_size() * 8 for t in stored.values()),
         "scheme_bits": int(group.bits(theta)), "parts": parts,
     }
@@ -202,7 +63,7 @@ def encode_theta(group: Group, theta: Theta, dtype: torch.dtype | None = None) -
 # ----------------------------------------------------------------------------- save
 def _digest(t: Tensor) -> str:
     """BLAKE2b-64 of a tensor's dtype, shape and bytes: a change to any of them changes it."""
-    h = hashlib.blake2b(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode(), digest_size=8)
+    h = hashlib.blake2b(f"{dtype_name(t.dtype)}{list(t.shape)}".encode(), digest_size=8)
     h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
@@ -211,37 +72,13 @@ def _text_digest(s: str) -> str:
     return hashlib.blake2b(s.encode(), digest_size=8).hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write a temp file in path's directory, fsync it, then os.replace: never a half-written file."""
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def save(path: str | os.PathLike, source: Any, thetas: Mapping[str, Theta] | None = None,
-         groups: list[Group] | None = None, *, recipe: Recipe | None = None) -> int:
+def save(path: str | os.PathLike, source: nn.Module | Mapping[str, Tensor], thetas: Mapping[str, Theta],
+         groups: list[Group], *, recipe: Recipe | None = None) -> int:
     """Write a compressed artifact; returns the bytes written.
 
-    `source` is a `Result` (its model, θ and groups) or a model / state_dict with `thetas` and
-    `groups`. Parameters in groups are stored as θ only; every other state_dict entry dense.
+    `source` is the model (or its state_dict), `thetas` θ per group. Parameters in groups are
+    stored as θ only; every other state_dict entry dense.
     """
-    if isinstance(source, Result):
-        thetas = source.thetas if thetas is None else thetas
-        groups = source.groups if groups is None else groups
-        source = source.model
-    if thetas is None or groups is None:
-        raise ArtifactError("save needs thetas and groups (or a Result)")
     sd = source.state_dict() if isinstance(source, nn.Module) else dict(source)
     compressed = {p for g in groups for p in g.params}
     if compressed - sd.keys():
@@ -255,8 +92,6 @@ def save(path: str | os.PathLike, source: Any, thetas: Mapping[str, Theta] | Non
         for name in stored.keys() & tensors.keys():
             raise ArtifactError(f"tensor name {name!r} of group {g.name!r} clashes with another tensor")
         tensors.update(stored)
-    from .. import __version__  # late: the package may import this module before defining it
-
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "lccompress_version": __version__,
                 "recipe": recipe.to_dict() if recipe is not None else None, "groups": entries,
                 "digests": {k: _digest(v) for k, v in tensors.items()}}
@@ -373,16 +208,14 @@ def load(path: str | os.PathLike) -> Artifact:
                 raise ArtifactError(f"{path}: the manifest names tensor {tname!r}, which is not in the file")
             try:
                 th[key] = decode_part(raw[tname], info if isinstance(info, dict) else {}, g.shape.numel())
-            except (ValueError, ArtifactError) as err:
+            except ValueError as err:
                 raise ArtifactError(f"{path}: tensor {tname!r} {err}") from None
             claimed.add(tname)
         try:
-            dt = _dtype(e.get("dtype"))
+            dt = dtype_of(e.get("dtype"))
             full = g.scheme.decompress(th, g.shape)
             if tuple(full.shape) != tuple(g.shape):
                 raise ValueError(f"Δ(θ) has shape {tuple(full.shape)}")
-            if "U" in th and th["U"].dim() == 2 and th["U"].shape[0] != g.shape[0]:
-                raise ValueError(f"U has {th['U'].shape[0]} rows for {g.shape[0]} outputs")
         except Exception as err:
             raise ArtifactError(f"{path}: group {name!r} (scheme {g.scheme.name!r}) does not rebuild a tensor of "
                                 f"shape {tuple(g.shape)}: {err}") from None
@@ -433,19 +266,20 @@ def split_lowrank_(model: nn.Module, thetas: Mapping[str, Theta], groups: list[G
 
     W = U V with U (out, r), V (r, in·kh·kw): Linear → Linear(in, r) + Linear(r, out);
     Conv2d → Conv2d(in, r, k, same stride/padding/dilation) + Conv2d(r, out, 1), bias on the
-    second. Only where r(m + n) < mn (fewer weights and multiply-adds) and r ≥ 1. Outputs equal
-    the unsplit layer's up to float rounding. Returns the names of the groups split.
+    second. Only where r(m + n) < mn (fewer weights and multiply-adds) and r ≥ 1, for schemes
+    whose Δ(θ) is such a product (`Scheme.factors`). Outputs equal the unsplit layer's up to
+    float rounding. Returns the names of the groups split.
     """
     done = []
     for g in groups:
-        th = thetas.get(g.name, {})
-        if len(g.params) != 1 or set(th) != {"U", "V"}:
+        uv = g.scheme.factors(thetas[g.name]) if g.name in thetas else None
+        if len(g.params) != 1 or uv is None:
             continue
         mod_name, _, leaf = g.params[0].rpartition(".")
         if leaf != "weight" or not mod_name:
             continue
         mod = model.get_submodule(mod_name)
-        U, V = th["U"].detach(), th["V"].detach()  # (m, r), (r, n)
+        U, V = (t.detach() for t in uv)  # (m, r), (r, n)
         (m, r), n = U.shape, V.shape[1]
         if r == 0 or r * (m + n) >= m * n:
             continue

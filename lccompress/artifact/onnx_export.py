@@ -2,7 +2,9 @@
 
 The model with weights Δ(θ) goes through torch.onnx.export (TorchScript exporter, no constant
 folding, so initializers keep the parameter names); then each compressed weight's initializer
-is replaced by a small decoder subgraph over compact initializers that computes Δ(θ) exactly:
+is replaced by a small decoder subgraph over compact initializers that computes Δ(θ) exactly.
+Each scheme builds its own decoder (`Scheme.onnx_decode`, through the `_Builder` here); the
+built-in ones are:
 
     low rank   layers split into two (Linear(in, r) + Linear(r, out), Conv(in, r, k) + Conv1x1)
                so the graph holds U and V and runs r(m + n) instead of mn multiply-adds
@@ -31,17 +33,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..recipe import Group
-from ..schemes.base import Scheme, Theta, code_bits
-from .container import META_KEY, atomic_write, encode_theta, levels, pack_bits, split_lowrank_
+from ..schemes.base import Theta
+from ..util import atomic_write
+from .container import META_KEY, encode_theta, split_lowrank_
 
 
 class _Builder:
-    """Nodes and initializers of the decoders, with fresh names under a prefix."""
+    """Nodes and initializers of the decoders, with fresh names under a prefix (the
+    `schemes.codecs.GraphBuilder` that schemes build their decoders with)."""
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
@@ -58,76 +62,25 @@ class _Builder:
         return name
 
     def op(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs: Any) -> str:
+        """A node; numpy arrays as attributes become tensors, numpy types (Cast's `to`) ONNX types."""
         out = out or self.fresh(op_type)
+        for k, v in attrs.items():
+            if isinstance(v, np.ndarray):
+                attrs[k] = numpy_helper.from_array(v)
+            elif isinstance(v, type) and issubclass(v, np.generic):
+                attrs[k] = helper.np_dtype_to_tensor_dtype(np.dtype(v))
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out
 
     def i64(self, *v: int) -> str:
         return self.const(np.array(v, np.int64), "shape")
 
+    def initializer(self, name: str, a: np.ndarray) -> None:
+        self.inits.append(numpy_helper.from_array(np.asarray(a), name))
+
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
-
-
-def _unpack(b: _Builder, stream: np.ndarray, n: int, w: int) -> str:
-    """Decoder of n codes packed at w ∈ {1, 2, 4, 8, 16} bits → (n,) int64."""
-    if w >= 8:
-        return b.op("Cast", [b.const(stream.astype(np.uint8 if w == 8 else np.uint16), "codes")], to=TensorProto.INT64)
-    per = 8 // w
-    x = b.op("Unsqueeze", [b.const(pack_bits(stream, w), "codes"), b.i64(1)])  # (bytes, 1)
-    x = b.op("BitShift", [x, b.const(np.arange(per, dtype=np.uint8) * w, "shifts")], direction="RIGHT")  # (bytes, per)
-    x = b.op("BitwiseAnd", [x, b.const(np.array((1 << w) - 1, np.uint8), "mask")])
-    x = b.op("Slice", [b.op("Reshape", [x, b.i64(-1)]), b.i64(0), b.i64(n)])  # (n,)
-    return b.op("Cast", [x], to=TensorProto.INT64)
-
-
-def _decode(b: _Builder, scheme: Scheme, theta: Theta, shape: tuple[int, ...], out: str, sparse: str) -> str:
-    """Nodes computing Δ(θ) with `shape` into tensor `out`; returns a description of the encoding."""
-    keys, n = set(theta), int(np.prod(shape))
-    terms = getattr(scheme, "terms", None)
-    if isinstance(terms, tuple) and keys and all(k.partition(".")[0].isdigit() for k in keys):
-        names = [b.fresh("term") for _ in terms]
-        descs = [_decode(b, t, {k.partition(".")[2]: v for k, v in theta.items() if k.partition(".")[0] == str(i)},
-                         shape, names[i], sparse) for i, t in enumerate(terms)]
-        acc = names[0]
-        for i, nm in enumerate(names[1:], 1):
-            acc = b.op("Add", [acc, nm], out if i == len(names) - 1 else None)
-        return "+".join(descs)
-    if "codes" in keys and not theta["codes"].is_floating_point():
-        codes = theta["codes"]
-        k = max(levels(scheme, "codes") or 0, int(codes.max()) + 1 if codes.numel() else 1)
-        table = scheme.decompress({**theta, "codes": torch.arange(k, dtype=codes.dtype)}, (k,))  # (k,) = Δ of each code
-        w = next(w for w in (1, 2, 4, 8, 16) if w >= code_bits(k))
-        idx = _unpack(b, _np(codes).reshape(-1), n, w)
-        b.op("Reshape", [b.op("Gather", [b.const(_np(table), "table"), idx]), b.i64(*shape)], out)
-        return f"codes/{w}bit"
-    if keys == {"indices", "values"} and sparse == "packed":
-        idx, v = _np(theta["indices"]).astype(np.int64), _np(theta["values"])
-        if idx.size == 0:
-            b.op("ConstantOfShape", [b.i64(*shape)], out, value=numpy_helper.from_array(np.zeros(1, v.dtype)))
-            return "sparse/empty"
-        gaps = np.diff(idx, prepend=0)  # (nnz,): i₀, then iⱼ − iⱼ₋₁ ≥ 1
-        dt = next((d for d in (np.uint8, np.uint16, np.uint32) if gaps.max() <= np.iinfo(d).max), np.int64)
-        vals = b.const(v, "values")
-        if idx.size * np.dtype(dt).itemsize <= (n + 7) // 8:
-            pos = b.op("CumSum", [b.op("Cast", [b.const(gaps.astype(dt), "gaps")], to=TensorProto.INT64), b.i64(0)])
-            zeros = b.op("ConstantOfShape", [b.i64(n)], value=numpy_helper.from_array(np.zeros(1, v.dtype)))
-            b.op("Reshape", [b.op("ScatterElements", [zeros, pos, vals]), b.i64(*shape)], out)
-            return f"sparse/delta-{np.dtype(dt).name}"
-        m = np.zeros(n, np.uint8)
-        m[idx] = 1
-        m64 = _unpack(b, m, n, 1)  # (n,) int64 ∈ {0, 1}
-        rank = b.op("Max", [b.op("Sub", [b.op("CumSum", [m64, b.i64(0)]), b.i64(1)]), b.i64(0)])  # slot of each kept weight
-        kept = b.op("Gather", [vals, rank])
-        full = b.op("Where", [b.op("Cast", [m64], to=TensorProto.BOOL), kept, b.const(np.zeros((), v.dtype), "zero")])
-        b.op("Reshape", [full, b.i64(*shape)], out)
-        return "sparse/mask"
-    if keys == {"U", "V"}:
-        b.op("Reshape", [b.op("MatMul", [b.const(_np(theta["U"]), "U"), b.const(_np(theta["V"]), "V")]), b.i64(*shape)], out)
-        return "lowrank/matmul"
-    b.inits.append(numpy_helper.from_array(_np(scheme.decompress(theta, shape)), out))
-    return "dense"
 
 
 def _find(inits: Mapping[str, onnx.TensorProto], name: str, w: np.ndarray) -> tuple[str, bool] | None:
@@ -198,7 +151,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
         first = hits[g.params[0]]
         single = len(g.params) == 1 and first is not None and not first[1]  # decode straight into it
         flat = first[0] if single else b.fresh(g.name)
-        desc = _decode(b, g.scheme, th[g.name], tuple(g.shape), flat, sparse)
+        desc = g.scheme.onnx_decode(b, th[g.name], tuple(g.shape), flat, sparse=sparse)
         start = 0
         for p, s in zip(g.params, g.shapes):
             hit, end = hits[p], start + s.numel()

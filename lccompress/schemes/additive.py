@@ -75,5 +75,17 @@ class Additive(Scheme):
     def fanout(self, theta: Theta) -> dict[str, Tensor]:
         return {f"{i}.{k}": v for i, t in enumerate(self.terms) for k, v in t.fanout(_split(theta, i)).items()}
 
+    def codecs(self, theta: Theta) -> dict[str, Any]:
+        return {f"{i}.{k}": c for i, t in enumerate(self.terms) for k, c in t.codecs(_split(theta, i)).items()}
+
+    def onnx_decode(self, b: Any, theta: Theta, shape: tuple[int, ...], out: str, **options: Any) -> str:
+        """The sum of the terms' decoders."""
+        names = [b.fresh("term") for _ in self.terms]
+        descs = [t.onnx_decode(b, _split(theta, i), shape, names[i], **options) for i, t in enumerate(self.terms)]
+        acc = names[0]
+        for i, nm in enumerate(names[1:], 1):
+            acc = b.op("Add", [acc, nm], out if i == len(names) - 1 else None)
+        return "+".join(descs)
+
     def trainable(self, theta: Theta) -> list[str]:
         return [f"{i}.{k}" for i, t in enumerate(self.terms) for k in t.trainable(_split(theta, i))]

@@ -6,6 +6,10 @@ A scheme defines a compressed set {Δ(θ)} and three functions:
                                                  add their penalty and need μ)
     decompress(θ) Δ(θ), differentiable in θ's floating-point parts
     bits(θ)       storage cost of everything needed to rebuild the tensor
+
+and owns its formats: `codecs` says how each part of θ is stored in the container,
+`onnx_decode` how Δ(θ) is rebuilt in an ONNX graph, `factors` whether Δ(θ) = U V can run as
+two smaller layers. The formats ask; they never branch on a scheme's type or θ's key names.
 """
 
 from __future__ import annotations
@@ -71,6 +75,22 @@ class Scheme(ABC):
         gradients of the weights it stands for rather than their sum.
         """
         return {}
+
+    # -- formats: how θ is stored and rebuilt (the container and the ONNX exporter ask) --
+    def codecs(self, theta: Theta) -> dict[str, Any]:
+        """A `codecs.Codec` per part of θ that is stored other than raw (positions, codes)."""
+        return {}
+
+    def onnx_decode(self, b: Any, theta: Theta, shape: tuple[int, ...], out: str, **options: Any) -> str:
+        """Add nodes computing Δ(θ) of `shape` into tensor `out` to the graph builder `b`
+        (`codecs.GraphBuilder`); return a short name of the form used. By default Δ(θ) is
+        stored dense as an initializer."""
+        b.initializer(out, self.decompress(theta, shape).detach().cpu().numpy())
+        return "dense"
+
+    def factors(self, theta: Theta) -> tuple[Tensor, Tensor] | None:
+        """(U (m, r), V (r, n)) when Δ(θ) is the product U V of the weight as a matrix, else None."""
+        return None
 
     # -- serialization of hyperparameters (recipes, manifests) --
     def to_dict(self) -> dict[str, Any]:

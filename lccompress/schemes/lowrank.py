@@ -13,13 +13,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..util import as_matrix
 from .base import Scheme, Theta, dtype_bits
-
-
-def _matrix(w: Tensor) -> Tensor:
-    if w.dim() < 2:
-        raise ConfigError(f"low rank needs a weight with at least 2 dimensions, got shape {tuple(w.shape)}")
-    return w.reshape(w.shape[0], -1)
 
 
 def _factors(r: int, U: Tensor, S: Tensor, Vh: Tensor) -> Theta:
@@ -28,7 +23,7 @@ def _factors(r: int, U: Tensor, S: Tensor, Vh: Tensor) -> Theta:
 
 
 def _svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    w2 = _matrix(w.detach())
+    w2 = as_matrix(w.detach(), "low rank")
     U, S, Vh = torch.linalg.svd(w2, full_matrices=False)  # (m, q), (q,), (q, n)
     return w2, U, S, Vh
 
@@ -40,7 +35,19 @@ class _LowRankBase(Scheme):
     lc_defaults = {"mu0": 1e-2, "mu_growth": 1.1, "weight_decay": 5e-4}
 
     def decompress(self, theta: Theta, shape) -> Tensor:
-        return (theta["U"] @ theta["V"]).reshape(shape)
+        U, V = theta["U"], theta["V"]  # (m, r), (r, n)
+        if U.dim() == 2 and len(shape) and U.shape[0] != shape[0]:
+            raise ValueError(f"U has {U.shape[0]} rows for {shape[0]} outputs")
+        return (U @ V).reshape(shape)
+
+    def factors(self, theta: Theta) -> tuple[Tensor, Tensor]:
+        return theta["U"], theta["V"]
+
+    def onnx_decode(self, b: Any, theta: Theta, shape: tuple[int, ...], out: str, **options: Any) -> str:
+        """W = reshape(U V) (layers that can be split are split before, by the exporter)."""
+        U, V = (t.detach().cpu().numpy() for t in (theta["U"], theta["V"]))
+        b.op("Reshape", [b.op("MatMul", [b.const(U, "U"), b.const(V, "V")]), b.i64(*shape)], out)
+        return "lowrank/matmul"
 
     def bits(self, theta: Theta, shape) -> int:
         return (theta["U"].numel() + theta["V"].numel()) * dtype_bits(theta["U"])

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..util import kappa
 from .base import Scheme, Theta, dtype_bits, index_bits, numel
+from .codecs import Positions, onnx_sparse
 
 
 def _sparse_theta(w: Tensor, mask: Tensor) -> Theta:
@@ -33,6 +35,16 @@ class _Sparse(Scheme):
     def summary(self, theta: Theta, shape) -> dict[str, Any]:
         nnz = theta["values"].numel()
         return {"kept": nnz, "density": nnz / max(1, numel(shape))}
+
+    def codecs(self, theta: Theta) -> dict[str, Any]:
+        return {"indices": Positions()}
+
+    def onnx_decode(self, b: Any, theta: Theta, shape: tuple[int, ...], out: str, *, sparse: str = "packed",
+                    **options: Any) -> str:
+        """"packed": values plus positions (gaps or a bit mask); "dense": Δ(θ) with its zeros."""
+        if sparse != "packed":
+            return super().onnx_decode(b, theta, shape, out)
+        return onnx_sparse(b, theta["indices"], theta["values"], shape, out)
 
 
 @dataclass(frozen=True)
@@ -57,11 +69,7 @@ class Prune(_Sparse):
                 raise ConfigError(f"count={self.count!r} must be an integer ≥ 1")
 
     def kappa(self, n: int) -> int:
-        if self.count is not None:
-            if self.count > n:
-                raise ConfigError(f"count={self.count} is more than the {n} weights it applies to")
-            return self.count
-        return max(1, min(n, round(self.keep * n)))
+        return kappa(n, keep=self.keep, count=self.count)
 
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
         flat = w.reshape(-1)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Scheme, Theta, code_bits, dtype_bits, numel
+from .codecs import Codes, onnx_codes
 
 
 def _codes_dtype(k: int) -> torch.dtype:
@@ -175,9 +176,27 @@ def assign(w: Tensor, codebook: Tensor) -> Tensor:
     return torch.bucketize(w, mid.to(w.dtype), right=True)
 
 
+class _Coded(Scheme):
+    """Schemes whose θ holds integer "codes" into a table of `levels` values: the codes are
+    stored bit-packed, and ONNX rebuilds W = T[z] from the table T of each code's value."""
+
+    @property
+    def levels(self) -> int:
+        raise NotImplementedError
+
+    def codecs(self, theta: Theta) -> dict[str, Any]:
+        return {"codes": Codes(self.levels)}
+
+    def onnx_decode(self, b: Any, theta: Theta, shape: tuple[int, ...], out: str, **options: Any) -> str:
+        codes = theta["codes"]
+        k = max(self.levels, int(codes.max()) + 1 if codes.numel() else 1)
+        table = self.decompress({**theta, "codes": torch.arange(k, dtype=codes.dtype)}, (k,))  # (k,) Δ of each code
+        return onnx_codes(b, table, codes, shape, out)
+
+
 # ----------------------------------------------------------------------------- adaptive
 @dataclass(frozen=True)
-class Codebook(Scheme):
+class Codebook(_Coded):
     """Adaptive codebook: θ = argmin ‖w − C[z]‖² over a k-entry codebook C and codes z (1-D k-means,
     exact up to n·(k − 2) ≤ exact_limit, else Lloyd + split refinement warm-started from `init`)."""
 
@@ -209,10 +228,14 @@ class Codebook(Scheme):
     def fanout(self, theta: Theta) -> dict[str, Tensor]:
         return {"codebook": torch.bincount(theta["codes"].reshape(-1).long(), minlength=self.k)}
 
+    @property
+    def levels(self) -> int:
+        return self.k
+
 
 # ----------------------------------------------------------------------------- fixed
 @dataclass(frozen=True)
-class FixedCodebook(Scheme):
+class FixedCodebook(_Coded):
     """Fixed codebook: θ = argmin ‖w − C[z]‖² over codes z, C given (nearest entry)."""
 
     values: tuple[float, ...]
@@ -243,6 +266,10 @@ class FixedCodebook(Scheme):
     def summary(self, theta: Theta, shape) -> dict[str, Any]:
         return {"k": len(self.values), "bits_per_weight": code_bits(len(self.values))}
 
+    @property
+    def levels(self) -> int:
+        return len(self.values)
+
 
 @dataclass(frozen=True)
 class Binarize(FixedCodebook):
@@ -252,10 +279,14 @@ class Binarize(FixedCodebook):
     name = "binarize"
 
 
-class _Scaled(Scheme):
+class _Scaled(_Coded):
     """Codes into a scaled fixed table c·T; θ = {"scale": (1,), "codes"}."""
 
     table: tuple[float, ...] = ()
+
+    @property
+    def levels(self) -> int:
+        return len(self.table)
 
     def decompress(self, theta: Theta, shape) -> Tensor:
         s = theta["scale"]

@@ -22,16 +22,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import safetensors.torch
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .artifact.container import atomic_write
-from .errors import ConfigError
-from .train import split_batch
+from ..errors import ConfigError
+from ..util import as_matrix, atomic_write, kappa
 
 FORMAT = "lccompress.multilevel"
 FORMAT_VERSION = 1
@@ -60,20 +59,14 @@ def _check_level(level: Any, n: int) -> None:
         raise ConfigError(f"level={level!r} must be an integer in 0…{n} (0 = dense)")
 
 
-def _matrix(w: Tensor) -> Tensor:
-    if w.dim() < 2:
-        raise ConfigError(f"structure 'filter' / 'rank' needs ≥ 2-D weights, got shape {tuple(w.shape)}")
-    return w.reshape(w.shape[0], -1)
-
-
 def _scores(w: Tensor, structure: str) -> Tensor:
     """One score per unit, in the unit order of the level ids."""
     w = w.detach().double()
     if structure == "weight":
         return w.abs().reshape(-1)
     if structure == "filter":
-        return _matrix(w).norm(dim=1)
-    return torch.linalg.svdvals(_matrix(w))
+        return as_matrix(w, "structure 'filter' / 'rank'").norm(dim=1)
+    return torch.linalg.svdvals(as_matrix(w, "structure 'filter' / 'rank'"))
 
 
 def _ids(scores: Tensor, kappas: Sequence[int]) -> Tensor:
@@ -117,12 +110,12 @@ def build_levels(
     if len(set(names)) != len(names) or not names:
         raise ConfigError(f"params={names!r} must name distinct parameters")
     scores = {n: _scores(named[n], structure) for n in names}
-    kappa = lambda N: [max(1, min(N, round(a * N))) for a in keeps]  # noqa: E731
+    kappas = lambda N: [kappa(N, keep=a) for a in keeps]  # noqa: E731
     if scope == "layer":
-        flat = {n: _ids(s, kappa(s.numel())) for n, s in scores.items()}
+        flat = {n: _ids(s, kappas(s.numel())) for n, s in scores.items()}
     else:
         allv = torch.cat([scores[n] for n in names])
-        split = torch.split(_ids(allv, kappa(allv.numel())), [scores[n].numel() for n in names])
+        split = torch.split(_ids(allv, kappas(allv.numel())), [scores[n].numel() for n in names])
         flat = dict(zip(names, split))
     ids = {n: (t.reshape(named[n].shape) if structure == "weight" else t).cpu() for n, t in flat.items()}
     return Levels(keeps, ids, structure, scope)
@@ -143,7 +136,7 @@ def save_multilevel(path: str | os.PathLike, model: nn.Module, levels: Levels) -
         w = sd[n]
         shapes[n] = list(w.shape)
         if levels.structure == "rank":
-            U, S, Vh = torch.linalg.svd(_matrix(w), full_matrices=False)
+            U, S, Vh = torch.linalg.svd(as_matrix(w, "structure 'filter' / 'rank'"), full_matrices=False)
             tensors.update({f"{n}.U": U.contiguous(), f"{n}.S": S.contiguous(), f"{n}.Vh": Vh.contiguous()})
             del sd[n]
             want = (S.numel(),)
@@ -197,53 +190,6 @@ def extract(path: str | os.PathLike, level: int) -> dict[str, Tensor]:
     return out
 
 
-@torch.no_grad()
-def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 50,
-                    device: str | torch.device | None = None) -> nn.Module:
-    """Recompute every BatchNorm's running statistics on `batches` batches of data (in place).
-
-    The stats are reset and re-estimated as cumulative averages of the batch statistics
-    (momentum=None) with the model in train mode; momentum and mode are restored after.
-    """
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise ConfigError(f"batches={batches!r} must be an integer ≥ 1")
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return model
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    modes = {m: m.training for m in model.modules()}
-    moms = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        seen = 0
-        for batch in loader:
-            if seen >= batches:
-                break
-            x, _ = split_batch(batch, dev)
-            model(x)
-            seen += 1
-        if seen == 0:
-            raise ConfigError("the loader for BatchNorm recalibration yielded no batches")
-    finally:
-        for m, mom in zip(bns, moms):
-            m.momentum = mom
-        for m, t in modes.items():
-            m.train(t)
-    return model
-
-
-def load_level_(model: nn.Module, path: str | os.PathLike, level: int, loader: Iterable | None = None,
-                batches: int = 50) -> nn.Module:
-    """Fill `model` with the weights of `level`; with a loader, also recalibrate its BatchNorms."""
-    model.load_state_dict(extract(path, level))
-    if loader is not None:
-        recalibrate_bn_(model, loader, batches)
-    return model
-
-
 def levels_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Per level: its keep fraction and the units it keeps, from the stored level ids."""
     meta = read_meta(path)
@@ -253,38 +199,4 @@ def levels_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
         {**lv, "units": int((ids >= lv["level"]).sum())} for lv in meta["levels"]]
 
 
-__all__ = ["Levels", "build_levels", "extract", "levels_summary", "load_level_", "read_meta",
-           "recalibrate_bn_", "save_multilevel"]
-
-
-def extract_artifact(path: str | os.PathLike, level: int, out: str | os.PathLike, *,
-                     model: nn.Module | None = None, loader: Iterable | None = None, batches: int = 50) -> int:
-    """Write level `level` of a multi-level file as a single-level lccompress artifact (ready for
-    ONNX export); returns its bytes. Pruned levels become `Prune(count=…)` groups (one joint group
-    for a "global" file), rank levels `LowRank`. With `model` and `loader`, BatchNorm statistics
-    are recalibrated for this level first."""
-    from .artifact import save
-    from .lc import compress
-    from .pipeline import state_module
-    from .recipe import Recipe, Rule
-    from .schemes import LowRank, Prune
-
-    meta = read_meta(path)
-    sd = extract(path, level)
-    if model is not None and loader is not None:
-        model.load_state_dict(sd)
-        recalibrate_bn_(model, loader, batches)
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    names = list(meta["params"])
-    nnz = {n: int((sd[n] != 0).sum()) for n in names}
-    if meta["structure"] == "rank":
-        with safe_open(os.fspath(path), framework="pt") as f:
-            ranks = {n: int((f.get_tensor(f"{n}.level") >= level).sum()) for n in names}
-        rules = [Rule((n,), LowRank(max(1, ranks[n]))) for n in names]
-    elif meta["scope"] == "global" and meta["structure"] == "weight":
-        rules = [Rule(tuple(names), Prune(count=max(1, sum(nnz.values()))), joint=len(names) > 1)]
-    else:
-        rules = [Rule((n,), Prune(count=max(1, nnz[n]))) for n in names]
-    recipe = Recipe(tuple(rules))
-    result = compress(state_module(sd), recipe, method="dc", device="cpu")
-    return save(out, result, recipe=recipe)
+__all__ = ["Levels", "build_levels", "extract", "levels_summary", "read_meta", "save_multilevel"]

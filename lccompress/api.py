@@ -1,6 +1,14 @@
-"""Checkpoint → model + recipe → DC / LC → artifact → report: what the CLI commands run.
+"""What the commands do, without a screen: each CLI command is a short function over this API.
 
-Everything here is usable from Python; the CLI only parses options and prints.
+    compress_checkpoint(job, callbacks)  checkpoint → model + recipe → DC / LC / FW → artifact → report
+    export(artifact, onnx, model, …)     a compressed artifact as ONNX, checked in onnxruntime
+    inspect(path)                        per-layer sizes of a checkpoint, artifact or ONNX file
+    check(artifact, max_bytes, …)        size / accuracy budgets for CI
+    sweep_checkpoint(…)                  a trade-off curve over levels and methods
+    multilevel(…) / extract(…)           nested sparsity levels in one file, and one level out
+
+Arguments are plain values (paths, numbers, `FILE.py:FUNC` specs); results are dataclasses;
+progress goes out through `Callbacks`. Errors are `LCError`s with one line naming the problem.
 """
 
 from __future__ import annotations
@@ -13,23 +21,35 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from torch import Tensor, nn
 
 from . import report as rep
 from .checkpoint import CheckpointError, build_model, call_factory, load_callable, read_checkpoint
 from .errors import ConfigError, LCError
-from .lc import LCConfig, Result, StepRecord, compress, resolve_device
-from .recipe import Recipe
-from .train import accuracy, cross_entropy, evaluate, split_batch
+from .lc import LCConfig, Result, StepRecord
+from .methods import compress
+from .recipe import Recipe, Rule
+from .schemes import LowRank, Prune
+from .train import (Teacher, accuracy, batch_inputs, cross_entropy, distill_loss, evaluate, first_batch,
+                    recalibrate_bn_, resolve_device, split_batch)
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+@dataclass
+class Callbacks:
+    """Progress of a long call: `info(message)`, `start(label, steps)` before the first LC step,
+    `step(record)` after each, `epoch(done, total)` after each epoch of an L step, `end()`."""
+
+    info: Callable[[str], None] = lambda message: None
+    start: Callable[[str, int], None] = lambda label, steps: None
+    step: Callable[[StepRecord], None] = lambda record: None
+    epoch: Callable[[int, int], None] = lambda done, total: None
+    end: Callable[[], None] = lambda: None
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -48,6 +68,32 @@ def state_module(state: Mapping[str, Tensor]) -> nn.Module:
         else:
             mod.register_buffer(leaf, t.detach().clone())
     return root
+
+
+def default_targets(module: nn.Module, has_code: bool) -> list[str]:
+    """Weights of Linear, Conv and Embedding layers; from a bare state_dict, every ≥2-D `*.weight`."""
+    kinds = {c.__name__ for c in COMPRESSIBLE}
+    if has_code:  # TorchScript modules keep their Python class name in original_name
+        found = [f"{n}.weight" if n else "weight" for n, m in module.named_modules()
+                 if (isinstance(m, COMPRESSIBLE) or getattr(m, "original_name", None) in kinds)
+                 and isinstance(getattr(m, "weight", None), Tensor)]
+        if found:
+            return found
+    return [n for n, p in module.named_parameters() if n.endswith("weight") and p.dim() >= 2]
+
+
+def select(module: nn.Module, has_code: bool, include: Iterable[str], exclude: Iterable[str]) -> list[str]:
+    names = [n for n, p in module.named_parameters() if p.is_floating_point()]
+    include, exclude = list(include), list(exclude)
+    for pat in include + exclude:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ConfigError(f"glob {pat!r} matches no parameter; parameters are: {', '.join(names)}")
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)] if include else \
+        default_targets(module, has_code)
+    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if not chosen:
+        raise ConfigError("no parameter left to compress (check --include / --exclude)")
+    return chosen
 
 
 def default_targets(module: nn.Module, has_code: bool) -> list[str]:
@@ -95,47 +141,6 @@ def load_data(spec: str) -> dict[str, Any]:
     return data
 
 
-def _first(loader: Iterable, what: str) -> Any:
-    try:
-        return next(iter(loader))
-    except StopIteration:
-        raise ConfigError(f"the {what} data loader yields no batches") from None
-    except Exception as e:  # noqa: BLE001 - user code
-        raise ConfigError(f"the {what} data loader raised {type(e).__name__}: {e}") from None
-
-
-def _inputs(batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict) and "x" in batch:
-        return batch["x"]
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0]
-    raise ConfigError(f"a batch must be (inputs, targets) or inputs; got {type(batch).__name__}")
-
-
-class Teacher:
-    """Batches (x, reference(x)) from batches x or (x, y): distillation needs no labels."""
-
-    def __init__(self, loader: Iterable, teacher: nn.Module, device: torch.device, argmax: bool = False) -> None:
-        self.loader, self.teacher, self.device, self.argmax = loader, teacher, device, argmax
-
-    def __iter__(self):
-        for b in self.loader:
-            x = _inputs(b).to(self.device)
-            with torch.no_grad():
-                t = self.teacher(x)
-            yield x, (t.argmax(-1) if self.argmax else t)
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-
-def distill_loss(out: Tensor, teacher_logits: Tensor) -> Tensor:
-    """KL(softmax(teacher) ‖ softmax(student)), batch mean."""
-    return F.kl_div(F.log_softmax(out, -1), F.log_softmax(teacher_logits, -1), log_target=True, reduction="batchmean")
-
-
 def onnx_eval(path: str | os.PathLike, loader: Iterable, metric: Callable) -> tuple[float, Tensor]:
     """Metric of an ONNX file over a loader, run in onnxruntime on the CPU."""
     import onnxruntime as ort
@@ -151,45 +156,42 @@ def onnx_eval(path: str | os.PathLike, loader: Iterable, metric: Callable) -> tu
     return float(metric(out, y)), out
 
 
-# ----------------------------------------------------------------------------- progress
-class Reporter:
-    """Progress: rich bars for LC steps and for the epochs of the current step on a terminal, one
-    plain line per step otherwise (CI, pipes)."""
+def check_output_path(out: Path) -> None:
+    """An output path is .safetensors or .onnx, in an existing writable directory."""
+    if out.suffix not in (".safetensors", ".onnx"):
+        raise ConfigError(f"-o {out}: the output must end in .safetensors or .onnx")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"-o {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"-o {out}: not writable")
 
-    def __init__(self, console: Console, steps: int, label: str) -> None:
-        self.console, self.steps = console, steps
-        self.progress = None
-        if console.is_terminal and not os.environ.get("CI"):
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-            self.task = self.progress.add_task(label, total=steps, info="")
-            self.epochs = self.progress.add_task("  epochs", total=1, info="")
 
-    def __enter__(self) -> "Reporter":
-        if self.progress:
-            self.progress.start()
-        return self
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise ConfigError(f"--input-shape {text!r} must be positive integers separated by commas, e.g. 1,64")
+    return shape
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress:
-            self.progress.stop()
 
-    def epoch(self, done: int, total: int) -> None:
-        if self.progress:
-            self.progress.update(self.epochs, completed=done, total=total)
-
-    def __call__(self, r: StepRecord) -> None:
-        metric = "" if r.metric is None else f"  metric {r.metric:.4f}"
-        info = f"μ {r.mu:.3g}  loss {r.loss:.4f}  gap {r.gap:.2e}{metric}"
-        if self.progress:
-            self.progress.update(self.task, completed=r.step + 1, info=info)
-        else:
-            self.console.print(f"step {r.step + 1}/{self.steps}  {info}", highlight=False)
+def _example(input_shape: str | None, data: Mapping[str, Any] | None, what: str) -> Any:
+    """The example input of an ONNX export: random of --input-shape (seed 0), else the first batch."""
+    if input_shape:
+        return torch.randn(parse_shape(input_shape), generator=torch.Generator().manual_seed(0))
+    if data:
+        return batch_inputs(first_batch(data.get("eval", data["train"]), "eval"))
+    raise ConfigError(f"{what} needs an example input: give --input-shape (e.g. 1,64) or --data")
 
 
 # ----------------------------------------------------------------------------- compress
 @dataclass
 class CompressJob:
+    """One compression command's arguments: the checkpoint, a function making the recipe from
+    the names of the parameters chosen (--include / --exclude or the defaults), and the options."""
+
     checkpoint: str
     build_recipe: Callable[[list[str]], Recipe]
     out: str | None = None
@@ -218,32 +220,22 @@ class CompressJob:
     argv: list[str] = field(default_factory=lambda: sys.argv[1:])
 
 
-def _check_out(out: Path) -> None:
-    if out.suffix not in (".safetensors", ".onnx"):
-        raise ConfigError(f"-o {out}: the output must end in .safetensors or .onnx")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"-o {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ConfigError(f"-o {out}: not writable")
+@dataclass
+class CompressOutcome:
+    """A finished compression: the report (stable JSON keys, see `report`), the artifact, the run."""
+
+    report: dict[str, Any]
+    artifact: Path
+    result: Result
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(s < 1 for s in shape):
-        raise ConfigError(f"--input-shape {text!r} must be positive integers separated by commas, e.g. 1,64")
-    return shape
-
-
-def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
-    """Run one compression command end to end; returns the report."""
+def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) -> CompressOutcome:
+    """Run one compression command end to end: read, build, compress, write, measure, report."""
+    cb = callbacks or Callbacks()
     t_start = time.perf_counter()
     ckpt_path = Path(job.checkpoint)
     out = Path(job.out) if job.out else Path(ckpt_path.stem + ".compressed.safetensors")
-    _check_out(out)
+    check_output_path(out)
     if job.report_path:
         rp = Path(job.report_path)
         if rp.suffix not in (".json", ".md"):
@@ -258,7 +250,7 @@ def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
     if method != "dc" and not data:
         raise ConfigError(f"--method {method} trains, so it needs --data FILE.py:FUNC")
     if not data:
-        console.print("no --data given: the method is DC (direct compression of the weights, no training)")
+        cb.info("no --data given: the method is DC (direct compression of the weights, no training)")
     needs_model = method != "dc" or out.suffix == ".onnx" or bool(data)
     if model is None and needs_model:
         raise ConfigError(f"{ckpt_path} holds weights only ({ck.kind}); training, evaluation and ONNX export "
@@ -278,12 +270,12 @@ def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
     if data:
         reference = model.to(device).eval()
         if job.loss == "distill":
-            first = _first(data["train"], "train")
+            first = first_batch(data["train"], "train")
             labelled = not isinstance(first, Tensor)
             data = {"train": Teacher(data["train"], reference, device),
                     **({"eval": data["eval"] if labelled else Teacher(data["eval"], reference, device, argmax=True)}
                        if "eval" in data else {})}
-            loss_fn = distill_loss
+            loss_fn = distill_loss()
         elif job.loss == "mse":
             loss_fn = F.mse_loss
         elif job.loss != "ce":
@@ -294,25 +286,27 @@ def run_job(job: CompressJob, console: Console) -> dict[str, Any]:
                    mu_growth=job.mu_growth, penalty=job.penalty)
     state_dir = Path(job.state_dir) if job.state_dir else out.with_name(out.name + ".lcstate")
     trains = method in ("lc", "idc")
-    with Reporter(console, job.steps, f"{method.upper()} {recipe.rules[0].scheme.name}") as progress:
+    cb.start(f"{method.upper()} {recipe.rules[0].scheme.name}", job.steps)
+    try:
         result = compress(subject, recipe, data or None, method=method, config=cfg, loss=loss_fn,
-                          metric=metric_fn, device=device, seed=job.seed, callback=progress,
-                          on_epoch=progress.epoch,
+                          metric=metric_fn, device=device, seed=job.seed, callback=cb.step,
+                          on_epoch=cb.epoch,
                           state_dir=state_dir if trains else None, resume=job.resume)
-    report = _write_outputs(job, ck, model, result, recipe, data, device, out, metric_fn, console)
+    finally:
+        cb.end()
+    report = _write_outputs(job, ck, model, result, recipe, data, device, out, metric_fn)
     if trains and state_dir.exists():
         shutil.rmtree(state_dir, ignore_errors=True)
     report["timings"]["total"] = time.perf_counter() - t_start
     if job.report_path:
         rep.write(job.report_path, report)
-    print_report(report, Console())  # the result goes to stdout, progress to `console`
-    return report
+    return CompressOutcome(report, out, result)
 
 
 def _check_batches(model: nn.Module, data: Mapping[str, Any], device: torch.device, loss_fn: Callable) -> None:
     """One batch of each loader through the model and the loss, so a bad loader fails in one clear line."""
     for split in data:
-        b = _first(data[split], split)
+        b = first_batch(data[split], split)
         try:
             x, y = split_batch(b, device)
             with torch.no_grad():
@@ -325,23 +319,18 @@ def _check_batches(model: nn.Module, data: Mapping[str, Any], device: torch.devi
 
 
 def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, data, device, out: Path,
-                   metric_fn: Callable, console: Console) -> dict[str, Any]:
+                   metric_fn: Callable) -> dict[str, Any]:
     from .artifact import disk_bytes, export_onnx, save, size_report, verify_onnx
 
     onnx_metric, onnx_diff, onnx_out = None, None, None
     if out.suffix == ".onnx":
-        if job.input_shape:
-            example = torch.randn(parse_shape(job.input_shape), generator=torch.Generator().manual_seed(0))
-        elif data:
-            example = _inputs(_first(data.get("eval", data["train"]), "eval")).cpu()
-        else:
-            raise ConfigError("ONNX export needs an example input: give --input-shape (e.g. 1,64) or --data")
+        example = _example(job.input_shape, data, "ONNX export").cpu()
         export_onnx(result.model.cpu(), result.thetas, result.groups, example, out)
         onnx_diff = verify_onnx(out, result.model, example)["max_rel"]
         if "eval" in data:
             onnx_metric, onnx_out = onnx_eval(out, _cpu(data["eval"]), metric_fn)
     else:
-        save(out, result, recipe=recipe)
+        save(out, result.model, result.thetas, result.groups, recipe=recipe)
     size = size_report(out)
     ref_bytes = sum(t.numel() * t.element_size() for t in ck.state_dict.values())
     art_bytes = disk_bytes(out)
@@ -375,48 +364,34 @@ def _config(result: Result) -> dict[str, Any] | None:
     return dict(vars(result.config)) if result.config is not None else None
 
 
-def print_report(r: Mapping[str, Any], console: Console) -> None:
-    t = Table(title=f"{r['artifact']}: {r['artifact_bytes']:,} bytes on disk, "
-                    f"{r['compression_ratio']:.1f}× smaller than {r['reference_bytes']:,} dense bytes")
-    for col in ("layer", "scheme", "params", "kept / k / rank", "bits", "bytes"):
-        t.add_column(col, justify="left" if col in ("layer", "scheme", "kept / k / rank") else "right")
-    for row in r["layers"]:
-        t.add_row(row["name"], row["scheme"]["scheme"], f"{row['numel']:,}", rep.summary_text(row["summary"]),
-                  f"{row['bits']:,}", f"{row['bytes']:,}")
-    console.print(t)
-    m = r["metric"]
-    if m.get("reference") is not None:
-        onnx = f", ONNX (onnxruntime) {100 * m['onnx']:.2f} %" if m.get("onnx") is not None else ""
-        console.print(f"{m['name']}: reference {100 * m['reference']:.2f} %, compressed "
-                      f"{100 * m['compressed']:.2f} %{onnx}; drop {100 * m['drop']:.2f} points", highlight=False)
-    tm = r["timings"]
-    console.print(f"method {r['method']}; time {tm.get('total', 0):.1f} s (L steps {tm.get('lstep', 0):.1f} s, "
-                  f"C steps {tm.get('cstep', 0):.2f} s)", highlight=False)
 
 
 # ----------------------------------------------------------------------------- export / inspect / check
-def export_artifact(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None,
-                    data_spec: str | None, sparse: str, console: Console) -> dict[str, float]:
+@dataclass
+class ExportOutcome:
+    """An exported ONNX file, its bytes on disk, and onnxruntime's largest deviation from torch."""
+
+    path: Path
+    bytes: int
+    max_abs: float
+    max_rel: float
+
+
+def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None = None,
+           data_spec: str | None = None, sparse: str = "packed") -> ExportOutcome:
+    """Export a compressed artifact to ONNX with the model from `model_spec`, checked in onnxruntime."""
     from .artifact import disk_bytes, export_onnx, load, load_into_, verify_onnx
 
     out = Path(onnx_out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--onnx {out}: must end in .onnx")
-    _check_out(out)
+    check_output_path(out)
     art = load(artifact)
     model = load_into_(call_factory(model_spec), artifact)
-    if input_shape:
-        example = torch.randn(parse_shape(input_shape), generator=torch.Generator().manual_seed(0))
-    elif data_spec:
-        d = load_data(data_spec)
-        example = _inputs(_first(d.get("eval", d["train"]), "eval"))
-    else:
-        raise ConfigError("export needs an example input: --input-shape (e.g. 1,64) or --data")
+    example = _example(input_shape, load_data(data_spec) if data_spec and not input_shape else None, "export")
     export_onnx(model, art.thetas, art.groups, example, out, sparse=sparse)
     diff = verify_onnx(out, model, example)
-    console.print(f"wrote {out}: {disk_bytes(out):,} bytes; onnxruntime vs torch: max abs diff "
-                  f"{diff['max_abs']:.3g}, max rel diff {diff['max_rel']:.3g}", highlight=False)
-    return diff
+    return ExportOutcome(out, disk_bytes(out), diff["max_abs"], diff["max_rel"])
 
 
 def _is_artifact(path: str) -> bool:
@@ -433,8 +408,17 @@ def _is_artifact(path: str) -> bool:
         return False
 
 
-def inspect_rows(path: str, trust: bool) -> tuple[list[dict[str, Any]], int]:
-    """Rows of `inspect`: per compressed group and per dense tensor."""
+@dataclass
+class Inspection:
+    """`inspect`'s rows, per compressed group and per dense tensor, and the file's bytes on disk."""
+
+    path: str
+    file_bytes: int
+    layers: list[dict[str, Any]]
+
+
+def inspect(path: str, trust: bool = False) -> Inspection:
+    """Per-layer sizes of a checkpoint, a compressed artifact or an exported ONNX file."""
     from .artifact import disk_bytes, load, size_report
 
     if not Path(path).exists():
@@ -454,9 +438,9 @@ def inspect_rows(path: str, trust: bool) -> tuple[list[dict[str, Any]], int]:
             for k, t in art.state_dict.items():
                 if k not in compressed:
                     rows.append(_dense_row(k, t))
-        return rows, disk_bytes(path)
+        return Inspection(path, disk_bytes(path), rows)
     ck = read_checkpoint(path, trust=trust)
-    return [_dense_row(k, t) for k, t in ck.state_dict.items()], os.stat(path).st_size
+    return Inspection(path, os.stat(path).st_size, [_dense_row(k, t) for k, t in ck.state_dict.items()])
 
 
 def _dense_row(name: str, t: Tensor) -> dict[str, Any]:
@@ -465,11 +449,26 @@ def _dense_row(name: str, t: Tensor) -> dict[str, Any]:
             "detail": str(t.dtype).replace("torch.", ""), "bits": bits, "bytes": bits // 8}
 
 
-def check_budgets(artifact: str, max_bytes: int | None, max_drop: float | None, reference: str | None,
-                  model_spec: str | None, data_spec: str | None, metric: str, trust: bool) -> dict[str, Any]:
+@dataclass
+class CheckOutcome:
     """Each budget's value, limit and verdict; `ok` when all hold."""
+
+    artifact: str
+    ok: bool
+    checks: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "ok": self.ok, "checks": self.checks}
+
+
+def check(artifact: str, max_bytes: int | None = None, max_drop: float | None = None, reference: str | None = None,
+          model_spec: str | None = None, data_spec: str | None = None, metric: str = "accuracy",
+          trust: bool = False) -> CheckOutcome:
+    """Budgets for CI: bytes on disk ≤ max_bytes; metric drop against `reference` ≤ max_drop."""
     from .artifact import disk_bytes, load_into_
 
+    if max_bytes is None and max_drop is None:
+        raise ConfigError("give at least one budget: --max-bytes or --max-drop")
     if not Path(artifact).exists():
         raise CheckpointError(f"{artifact}: no such file")
     checks = []
@@ -493,4 +492,127 @@ def check_budgets(artifact: str, max_bytes: int | None, max_drop: float | None, 
         drop = ref_val - new_val
         checks.append({"budget": "drop", "value": round(drop, 6), "limit": max_drop, "ok": drop <= max_drop,
                        "over": round(max(0.0, drop - max_drop), 6), "reference": ref_val, "compressed": new_val})
-    return {"artifact": artifact, "ok": all(c["ok"] for c in checks), "checks": checks}
+    return CheckOutcome(artifact, all(c["ok"] for c in checks), checks)
+
+
+# ----------------------------------------------------------------------------- sweep / multilevel / extract
+def _trained_model(ckpt: str, model_spec: str | None, trust: bool, what: str) -> nn.Module:
+    model = build_model(read_checkpoint(ckpt, trust=trust), model_spec)
+    if model is None:
+        raise ConfigError(f"{ckpt} holds weights only; {what}: give --model FILE.py:FUNC")
+    return model
+
+
+@dataclass
+class SweepOutcome:
+    """The curves per method ({method: [points]}) and the files written."""
+
+    curves: dict[str, list[dict[str, Any]]]
+    json_path: Path
+    svg_path: Path
+
+
+def sweep_checkpoint(ckpt: str, kind: str, levels: Sequence[Any], methods: Sequence[str], out_dir: str, *,
+                     model_spec: str | None, data_spec: str, steps: int = 40, epochs: int = 5,
+                     device: str = "auto", seed: int = 0, trust: bool = False,
+                     on_point: Callable[[str, Any, dict[str, Any]], None] | None = None) -> SweepOutcome:
+    """Every (method, level) of one kind ("keep", "bits", "rank") on a checkpoint: `sweep.sweep`."""
+    from .sweep import sweep
+
+    model = _trained_model(ckpt, model_spec, trust, "the sweep trains")
+    curves = sweep(model, load_data(data_spec), kind, list(levels), list(methods), out_dir,
+                   config=LCConfig(steps=steps, epochs=epochs), device=device, seed=seed, callback=on_point)
+    return SweepOutcome(curves, Path(out_dir) / "curve.json", Path(out_dir) / "curve.svg")
+
+
+@dataclass
+class MultilevelOutcome:
+    """The multi-level file, its bytes, and per level its keep fraction and units kept."""
+
+    path: Path
+    bytes: int
+    levels: list[dict[str, Any]]
+
+
+def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool = False, structure: str = "weight",
+               method: str = "none", include: Sequence[str] = (), exclude: Sequence[str] = (),
+               model_spec: str | None = None, data_spec: str | None = None, seed: int = 0,
+               trust: bool = False) -> MultilevelOutcome:
+    """One file with nested sparsity levels (`artifact.multilevel`); method "sfw" refines first."""
+    from .artifact.multilevel import build_levels, levels_summary, save_multilevel
+    from .fw import SFW_DEFAULTS, KSparsePolytope, sfw_refine
+
+    check_output_path(Path(out))
+    ck = read_checkpoint(ckpt, trust=trust)
+    model = build_model(ck, model_spec)
+    subject = model if model is not None else state_module(ck.state_dict)
+    names = select(subject, model is not None, include, exclude)
+    if method == "sfw":
+        if model is None or not data_spec:
+            raise ConfigError("--method sfw trains: give --model and --data")
+        subject = sfw_refine(model, load_data(data_spec), {tuple(names): KSparsePolytope(k=min(keeps))},
+                             seed=seed, device="cpu", **SFW_DEFAULTS)
+    levels = build_levels(subject, names, keeps, scope="layer" if per_layer else "global", structure=structure)
+    size = save_multilevel(out, subject, levels)
+    return MultilevelOutcome(Path(out), size, levels_summary(out))
+
+
+def load_level_(model: nn.Module, path: str | os.PathLike, level: int, loader: Iterable | None = None,
+                batches: int = 50) -> nn.Module:
+    """Fill `model` with the weights of `level`; with a loader, also recalibrate its BatchNorms."""
+    from .artifact.multilevel import extract as extract_level
+
+    model.load_state_dict(extract_level(path, level))
+    if loader is not None:
+        recalibrate_bn_(model, loader, batches)
+    return model
+
+
+def extract_artifact(path: str | os.PathLike, level: int, out: str | os.PathLike, *,
+                     model: nn.Module | None = None, loader: Iterable | None = None, batches: int = 50) -> int:
+    """Write level `level` of a multi-level file as a single-level lccompress artifact (ready for
+    ONNX export); returns its bytes. Pruned levels become `Prune(count=…)` groups (one joint group
+    for a "global" file), rank levels `LowRank`. With `model` and `loader`, BatchNorm statistics
+    are recalibrated for this level first."""
+    from safetensors import safe_open
+
+    from .artifact import save
+    from .artifact.multilevel import extract as extract_level, read_meta
+
+    meta = read_meta(path)
+    sd = extract_level(path, level)
+    if model is not None and loader is not None:
+        model.load_state_dict(sd)
+        recalibrate_bn_(model, loader, batches)
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    names = list(meta["params"])
+    nnz = {n: int((sd[n] != 0).sum()) for n in names}
+    if meta["structure"] == "rank":
+        with safe_open(os.fspath(path), framework="pt") as f:
+            ranks = {n: int((f.get_tensor(f"{n}.level") >= level).sum()) for n in names}
+        rules = [Rule((n,), LowRank(max(1, ranks[n]))) for n in names]
+    elif meta["scope"] == "global" and meta["structure"] == "weight":
+        rules = [Rule(tuple(names), Prune(count=max(1, sum(nnz.values()))), joint=len(names) > 1)]
+    else:
+        rules = [Rule((n,), Prune(count=max(1, nnz[n]))) for n in names]
+    recipe = Recipe(tuple(rules))
+    result = compress(state_module(sd), recipe, method="dc", device="cpu")
+    return save(out, result.model, result.thetas, result.groups, recipe=recipe)
+
+
+@dataclass
+class ExtractOutcome:
+    path: Path
+    bytes: int
+
+
+def extract(multi: str, level: int, out: str, *, model_spec: str | None = None,
+            data_spec: str | None = None) -> ExtractOutcome:
+    """One level of a multi-level file as a compressed artifact; with --model and --data, BatchNorm
+    statistics are recalibrated for it."""
+    check_output_path(Path(out))
+    if not Path(multi).exists():
+        raise ConfigError(f"{multi}: no such file")
+    model = call_factory(model_spec) if model_spec else None
+    loader = load_data(data_spec)["train"] if data_spec else None
+    return ExtractOutcome(Path(out), extract_artifact(multi, level, out, model=model, loader=loader))

@@ -1,4 +1,4 @@
-"""The `lccompress` command line: a thin Click layer over the Python API, rendered with rich."""
+"""The `lccompress` commands: Click options, each command a few lines over `lccompress.api`."""
 
 from __future__ import annotations
 
@@ -11,39 +11,56 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
-from rich.table import Table
 
-from .errors import ConfigError, LCError
+from lccompress import api
+from lccompress.errors import LCError
+
+from .render import Reporter, print_inspection, print_report
 
 err_console = Console(stderr=True)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- errors → exit statuses
+class Failure(click.ClickException):
+    """One line on stderr and an exit status; never a traceback."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.exit_code = status
+
+
+def guarded(status: int = 1) -> Callable[[Callable], Callable]:
+    """The one place library errors become exit statuses. A command fails with `status` on a
+    domain error (an `LCError`, a missing or unreadable file, an interrupt): 1 for the commands
+    that do work, 2 for `check`, whose 1 means "over budget" so that CI can tell the two apart.
+    Click's own usage errors (bad options) exit 2."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except click.ClickException:
+                raise
+            except LCError as e:
+                message = str(e)
+            except FileNotFoundError as e:
+                message = f"{e.filename}: no such file"
+            except PermissionError as e:
+                message = f"{e.filename}: permission denied"
+            except KeyboardInterrupt:
+                message = "interrupted"
+            raise Failure(message, status) from None
+
+        return wrapper
+
+    return wrap
+
+
 class UsageError(click.ClickException):
-    """A domain error shown as one line, exit status 2 (the usage-error status)."""
+    """A usage error found after parsing (exit status 2)."""
 
     exit_code = 2
-
-
-def guarded(fn: Callable) -> Callable:
-    """Library errors become one line on stderr and a non-zero exit, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except LCError as e:
-            raise click.ClickException(str(e)) from None
-        except FileNotFoundError as e:
-            raise click.ClickException(f"{e.filename}: no such file") from None
-        except PermissionError as e:
-            raise click.ClickException(f"{e.filename}: permission denied") from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
-
-    return wrapper
 
 
 def parse_size(text: str) -> int:
@@ -101,14 +118,18 @@ def compression_options(fn: Callable) -> Callable:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="lccompress")
 def main() -> None:
-    """Compress trained PyTorch models: direct compression, then the LC algorithm."""
+    """Compress trained PyTorch models: direct compression, then the LC algorithm.
+
+    \b
+    Example: lccompress prune ckpt.pt --keep 0.1 --model net.py:make --data data.py:loaders -o small.safetensors
+    Try it:  lccompress demo
+    """
 
 
 def _run(ckpt: str, build: Callable[[list[str]], Any], opts: dict[str, Any], **extra: Any) -> None:
-    from .pipeline import CompressJob, run_job
-
-    job = CompressJob(checkpoint=ckpt, build_recipe=build, **opts, **extra)
-    run_job(job, err_console)
+    job = api.CompressJob(checkpoint=ckpt, build_recipe=build, **opts, **extra)
+    outcome = api.compress_checkpoint(job, Reporter(err_console).callbacks())
+    print_report(outcome.report, Console())  # the result goes to stdout, progress to stderr
 
 
 # ----------------------------------------------------------------------------- commands
@@ -117,13 +138,13 @@ def _run(ckpt: str, build: Callable[[list[str]], Any], opts: dict[str, Any], **e
 @click.option("--keep", required=True, type=fraction, help="Fraction of the weights to keep, in (0, 1].")
 @click.option("--per-layer", is_flag=True, help="Keep that fraction of each layer (default: one global top-k).")
 @compression_options
-@guarded
+@guarded()
 def prune(ckpt: str, keep: float, per_layer: bool, **opts: Any) -> None:
     """Prune to a fraction of the weights (ℓ0 constraint, global top-k by default).
 
     Example: lccompress prune ckpt.pt --keep 0.1 --model net.py:make --data data.py:loaders -o small.safetensors
     """
-    from . import Prune, Recipe
+    from lccompress import Prune, Recipe
 
     _run(ckpt, lambda names: Recipe.single(names, Prune(keep=keep), joint=not per_layer), opts)
 
@@ -134,13 +155,13 @@ def prune(ckpt: str, keep: float, per_layer: bool, **opts: Any) -> None:
 @click.option("--bits", type=click.IntRange(min=1, max=16), help="Bits per weight (a codebook of 2^bits entries).")
 @click.option("--shared", is_flag=True, help="One codebook shared by all layers.")
 @compression_options
-@guarded
+@guarded()
 def quantize(ckpt: str, k: int | None, bits: int | None, shared: bool, **opts: Any) -> None:
     """Quantize each layer to an adaptive codebook (k-means).
 
     Example: lccompress quantize ckpt.pt --codebook 2 --model net.py:make --data data.py:loaders
     """
-    from . import Codebook, Recipe
+    from lccompress import Codebook, Recipe
 
     if (k is None) == (bits is None):
         raise UsageError("give one of --codebook K or --bits B")
@@ -154,13 +175,13 @@ def quantize(ckpt: str, k: int | None, bits: int | None, shared: bool, **opts: A
 @click.option("--select", "alpha", type=click.FloatRange(min=0, min_open=True),
               help="Rank selection: α of α·storage(r) + μ/2·Σ_{i>r} σᵢ².")
 @compression_options
-@guarded
+@guarded()
 def lowrank(ckpt: str, rank: int | None, alpha: float | None, **opts: Any) -> None:
     """Make layers low rank (truncated SVD), at a given rank or selected per layer.
 
     Example: lccompress lowrank ckpt.pt --rank 8 --exclude fc3.weight --model net.py:make --data data.py:loaders
     """
-    from . import LowRank, RankSelection, Recipe
+    from lccompress import LowRank, RankSelection, Recipe
 
     if (rank is None) == (alpha is None):
         raise UsageError("give one of --rank R or --select ALPHA")
@@ -172,13 +193,13 @@ def lowrank(ckpt: str, rank: int | None, alpha: float | None, **opts: Any) -> No
 @click.argument("ckpt", type=click.Path())
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(), help="A recipe in TOML.")
 @compression_options
-@guarded
+@guarded()
 def compress_cmd(ckpt: str, recipe_path: str, **opts: Any) -> None:
     """Compress with a recipe: mixed schemes per layer, additive combinations (TOML).
 
     Example: lccompress compress ckpt.pt --recipe recipe.toml --model net.py:make --data data.py:loaders
     """
-    from .recipe import Recipe
+    from lccompress import Recipe
 
     recipe = Recipe.from_toml(recipe_path)
     _run(ckpt, lambda names: recipe, opts, fixed_recipe=True)
@@ -192,41 +213,33 @@ def compress_cmd(ckpt: str, recipe_path: str, **opts: Any) -> None:
 @click.option("--data", "data_spec", help="Data function; the first batch is the example input.")
 @click.option("--sparse", type=click.Choice(["packed", "dense"]), default="packed", show_default=True,
               help="Pruned weights as positions + values, or dense with zeros.")
-@guarded
+@guarded()
 def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None, data_spec: str | None,
            sparse: str) -> None:
     """Export a compressed artifact to ONNX and check it in onnxruntime.
 
     Example: lccompress export small.safetensors --onnx small.onnx --model net.py:make --input-shape 1,64
     """
-    from .pipeline import export_artifact
-
-    export_artifact(artifact, onnx_out, model_spec, input_shape, data_spec, sparse, err_console)
+    r = api.export(artifact, onnx_out, model_spec, input_shape, data_spec, sparse)
+    err_console.print(f"wrote {r.path}: {r.bytes:,} bytes; onnxruntime vs torch: max abs diff "
+                      f"{r.max_abs:.3g}, max rel diff {r.max_rel:.3g}", highlight=False)
 
 
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled module.")
-@guarded
+@guarded()
 def inspect(path: str, as_json: bool, trust_checkpoint: bool) -> None:
     """Per-layer table of a checkpoint or an artifact: shape, params, scheme, bits, bytes.
 
     Example: lccompress inspect small.safetensors
     """
-    from .pipeline import inspect_rows
-
-    rows, total = inspect_rows(path, trust_checkpoint)
+    ins = api.inspect(path, trust_checkpoint)
     if as_json:
-        click.echo(json.dumps({"path": path, "file_bytes": total, "layers": rows}))
-        return
-    table = Table(title=f"{path}: {total:,} bytes on disk")
-    for col in ("name", "shape", "params", "scheme", "kept / k / rank", "bits", "bytes"):
-        table.add_column(col, justify="left" if col in ("name", "scheme", "kept / k / rank") else "right")
-    for r in rows:
-        table.add_row(r["name"], r["shape"], f"{r['numel']:,}", r["scheme"], r["detail"], f"{r['bits']:,}",
-                      f"{r['bytes']:,}")
-    Console().print(table)
+        click.echo(json.dumps({"path": ins.path, "file_bytes": ins.file_bytes, "layers": ins.layers}))
+    else:
+        print_inspection(ins, Console())
 
 
 @main.command()
@@ -239,33 +252,26 @@ def inspect(path: str, as_json: bool, trust_checkpoint: bool) -> None:
 @click.option("--metric", default="accuracy", show_default=True, help="accuracy | FILE.py:FUNC.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled reference module.")
+@guarded(status=2)
 def check(artifact: str, max_bytes: str | None, max_drop: float | None, reference: str | None,
           model_spec: str | None, data_spec: str | None, metric: str, as_json: bool, trust_checkpoint: bool) -> None:
     """Gate for CI: exit 0 within every budget, 1 over one, 2 on usage errors.
 
     Example: lccompress check small.safetensors --max-bytes 200KB
     """
-    from .pipeline import check_budgets
-
     try:
-        if max_bytes is None and max_drop is None:
-            raise UsageError("give at least one budget: --max-bytes or --max-drop")
         budget = parse_size(max_bytes) if max_bytes is not None else None
-        res = check_budgets(artifact, budget, max_drop, reference, model_spec, data_spec, metric, trust_checkpoint)
     except click.BadParameter as e:
         raise UsageError(f"--max-bytes: {e.message}") from None
-    except LCError as e:
-        raise UsageError(str(e)) from None
-    except FileNotFoundError as e:
-        raise UsageError(f"{e.filename}: no such file") from None
+    res = api.check(artifact, budget, max_drop, reference, model_spec, data_spec, metric, trust_checkpoint)
     if as_json:
-        click.echo(json.dumps(res))
+        click.echo(json.dumps(res.to_dict()))
     else:
-        for c in res["checks"]:
+        for c in res.checks:
             mark = "ok  " if c["ok"] else "OVER"
             click.echo(f"{mark} {c['budget']}: {c['value']} (limit {c['limit']}" +
                        ("" if c["ok"] else f", over by {c['over']}") + ")")
-    sys.exit(0 if res["ok"] else 1)
+    sys.exit(0 if res.ok else 1)
 
 
 def _levels(text: str, kind: str) -> list:
@@ -294,7 +300,7 @@ def _levels(text: str, kind: str) -> list:
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled module.")
-@guarded
+@guarded()
 def sweep(ckpt: str, keep: str | None, bits: str | None, rank: str | None, methods: str, out_dir: str,
           model_spec: str | None, data_spec: str, steps: int, epochs: int, device: str, seed: int,
           trust_checkpoint: bool) -> None:
@@ -302,24 +308,15 @@ def sweep(ckpt: str, keep: str | None, bits: str | None, rank: str | None, metho
 
     Example: lccompress sweep ckpt.pt --keep 0.5,0.2,0.1,0.05,0.02 --method dc,lc,sfw --model net.py:make --data data.py:loaders -o curve/
     """
-    from .checkpoint import build_model, read_checkpoint
-    from .lc import LCConfig
-    from .pipeline import load_data
-    from .sweep import sweep as run_sweep
-
     given = [(k, v) for k, v in (("keep", keep), ("bits", bits), ("rank", rank)) if v]
     if len(given) != 1:
         raise UsageError("give exactly one of --keep, --bits or --rank")
     kind, text = given[0]
-    model = build_model(read_checkpoint(ckpt, trust=trust_checkpoint), model_spec)
-    if model is None:
-        raise ConfigError(f"{ckpt} holds weights only; the sweep trains: give --model FILE.py:FUNC")
-    res = run_sweep(model, load_data(data_spec), kind, _levels(text, kind), methods.split(","), out_dir,
-                    config=LCConfig(steps=steps, epochs=epochs), device=device, seed=seed,
-                    callback=lambda m, lv, p: err_console.print(
-                        f"{m} {kind} {lv}: error {p['error']:.2f} %, {p['bytes']:,} bytes", highlight=False))
-    click.echo(f"wrote {Path(out_dir) / 'curve.json'} and {Path(out_dir) / 'curve.svg'}")
-    return res
+    res = api.sweep_checkpoint(ckpt, kind, _levels(text, kind), methods.split(","), out_dir, model_spec=model_spec,
+                               data_spec=data_spec, steps=steps, epochs=epochs, device=device, seed=seed,
+                               trust=trust_checkpoint, on_point=lambda m, lv, p: err_console.print(
+                                   f"{m} {kind} {lv}: error {p['error']:.2f} %, {p['bytes']:,} bytes", highlight=False))
+    click.echo(f"wrote {res.json_path} and {res.svg_path}")
 
 
 @main.command()
@@ -337,7 +334,7 @@ def sweep(ckpt: str, keep: str | None, bits: str | None, rank: str | None, metho
 @click.option("--data", "data_spec", help="Data function (needed for --method sfw).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled module.")
-@guarded
+@guarded()
 def multilevel(ckpt: str, keep: str, per_layer: bool, structure: str, method: str, include: tuple[str, ...],
                exclude: tuple[str, ...], out: str, model_spec: str | None, data_spec: str | None, seed: int,
                trust_checkpoint: bool) -> None:
@@ -345,27 +342,11 @@ def multilevel(ckpt: str, keep: str, per_layer: bool, structure: str, method: st
 
     Example: lccompress multilevel ckpt.pt --keep 0.5,0.2,0.1,0.05 --method sfw --model net.py:make --data data.py:loaders -o multi.safetensors
     """
-    from .checkpoint import build_model, read_checkpoint
-    from .multilevel import build_levels, levels_summary, save_multilevel
-    from .pipeline import _check_out, load_data, select, state_module
-
-    _check_out(Path(out))
-    ck = read_checkpoint(ckpt, trust=trust_checkpoint)
-    model = build_model(ck, model_spec)
-    subject = model if model is not None else state_module(ck.state_dict)
-    names = select(subject, model is not None, include, exclude)
-    keeps = _levels(keep, "keep")
-    if method == "sfw":
-        if model is None or not data_spec:
-            raise ConfigError("--method sfw trains: give --model and --data")
-        from .fw import SFW_DEFAULTS, KSparsePolytope, sfw_refine
-
-        subject = sfw_refine(model, load_data(data_spec), {tuple(names): KSparsePolytope(k=min(keeps))},
-                             seed=seed, device="cpu", **SFW_DEFAULTS)
-    levels = build_levels(subject, names, keeps, scope="layer" if per_layer else "global", structure=structure)
-    size = save_multilevel(out, subject, levels)
-    click.echo(f"wrote {out}: {size:,} bytes, levels " +
-               ", ".join(f"{r['level']} (keep {r['keep']})" for r in levels_summary(out)))
+    res = api.multilevel(ckpt, _levels(keep, "keep"), out, per_layer=per_layer, structure=structure, method=method,
+                         include=include, exclude=exclude, model_spec=model_spec, data_spec=data_spec, seed=seed,
+                         trust=trust_checkpoint)
+    click.echo(f"wrote {res.path}: {res.bytes:,} bytes, levels " +
+               ", ".join(f"{r['level']} (keep {r['keep']})" for r in res.levels))
 
 
 @main.command()
@@ -374,30 +355,21 @@ def multilevel(ckpt: str, keep: str, per_layer: bool, structure: str, method: st
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Single-level .safetensors artifact.")
 @click.option("--model", "model_spec", help="With --data: recalibrate BatchNorm statistics for this level.")
 @click.option("--data", "data_spec", help="Data function whose train loader recalibrates BatchNorm.")
-@guarded
+@guarded()
 def extract(multi: str, level: int, out: str, model_spec: str | None, data_spec: str | None) -> None:
     """Extract one level of a multi-level file as a compressed artifact, no retraining.
 
     Example: lccompress extract multi.safetensors --level 3 -o level3.safetensors
     """
-    from .multilevel import extract_artifact
-    from .checkpoint import call_factory
-    from .pipeline import _check_out, load_data
-
-    _check_out(Path(out))
-    if not Path(multi).exists():
-        raise ConfigError(f"{multi}: no such file")
-    model = call_factory(model_spec) if model_spec else None
-    loader = load_data(data_spec)["train"] if data_spec else None
-    size = extract_artifact(multi, level, out, model=model, loader=loader)
-    click.echo(f"wrote {out}: {size:,} bytes")
+    res = api.extract(multi, level, out, model_spec=model_spec, data_spec=data_spec)
+    click.echo(f"wrote {res.path}: {res.bytes:,} bytes")
 
 
 @main.command()
 @click.option("--out-dir", type=click.Path(file_okay=False), default="lccompress-demo", show_default=True,
               help="Where the checkpoint, the artifact and the report go.")
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="LC steps.")
-@guarded
+@guarded()
 def demo(out_dir: str, steps: int) -> None:
     """Train the digits MLP, save it, then run `lccompress prune` on it: DC then LC, ONNX export, report.
 
@@ -405,7 +377,7 @@ def demo(out_dir: str, steps: int) -> None:
     """
     import torch
 
-    from . import digits
+    from lccompress import digits
 
     torch.set_num_threads(1)
     out = Path(out_dir)

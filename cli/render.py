@@ -1,0 +1,80 @@
+"""Rendering with rich: progress of LC steps and epochs, the compression report, the inspect table."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lccompress import api, report as rep
+from lccompress.lc import StepRecord
+
+
+class Reporter:
+    """Progress (`api.Callbacks`): rich bars for LC steps and for the epochs of the current step on a
+    terminal, one plain line per step otherwise (CI, pipes)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console, self.steps, self.progress = console, 0, None
+
+    def callbacks(self) -> api.Callbacks:
+        return api.Callbacks(info=lambda m: self.console.print(m), start=self.start, step=self.step,
+                             epoch=self.epoch, end=self.end)
+
+    def start(self, label: str, steps: int) -> None:
+        self.steps = steps
+        if self.console.is_terminal and not os.environ.get("CI"):
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
+            self.task = self.progress.add_task(label, total=steps, info="")
+            self.epochs = self.progress.add_task("  epochs", total=1, info="")
+            self.progress.start()
+
+    def end(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+
+    def epoch(self, done: int, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.epochs, completed=done, total=total)
+
+    def step(self, r: StepRecord) -> None:
+        metric = "" if r.metric is None else f"  metric {r.metric:.4f}"
+        info = f"μ {r.mu:.3g}  loss {r.loss:.4f}  gap {r.gap:.2e}{metric}"
+        if self.progress:
+            self.progress.update(self.task, completed=r.step + 1, info=info)
+        else:
+            self.console.print(f"step {r.step + 1}/{self.steps}  {info}", highlight=False)
+
+
+def print_report(r: Mapping[str, Any], console: Console) -> None:
+    t = Table(title=f"{r['artifact']}: {r['artifact_bytes']:,} bytes on disk, "
+                    f"{r['compression_ratio']:.1f}× smaller than {r['reference_bytes']:,} dense bytes")
+    for col in ("layer", "scheme", "params", "kept / k / rank", "bits", "bytes"):
+        t.add_column(col, justify="left" if col in ("layer", "scheme", "kept / k / rank") else "right")
+    for row in r["layers"]:
+        t.add_row(row["name"], row["scheme"]["scheme"], f"{row['numel']:,}", rep.summary_text(row["summary"]),
+                  f"{row['bits']:,}", f"{row['bytes']:,}")
+    console.print(t)
+    m = r["metric"]
+    if m.get("reference") is not None:
+        onnx = f", ONNX (onnxruntime) {100 * m['onnx']:.2f} %" if m.get("onnx") is not None else ""
+        console.print(f"{m['name']}: reference {100 * m['reference']:.2f} %, compressed "
+                      f"{100 * m['compressed']:.2f} %{onnx}; drop {100 * m['drop']:.2f} points", highlight=False)
+    tm = r["timings"]
+    console.print(f"method {r['method']}; time {tm.get('total', 0):.1f} s (L steps {tm.get('lstep', 0):.1f} s, "
+                  f"C steps {tm.get('cstep', 0):.2f} s)", highlight=False)
+
+
+def print_inspection(ins: api.Inspection, console: Console) -> None:
+    table = Table(title=f"{ins.path}: {ins.file_bytes:,} bytes on disk")
+    for col in ("name", "shape", "params", "scheme", "kept / k / rank", "bits", "bytes"):
+        table.add_column(col, justify="left" if col in ("name", "scheme", "kept / k / rank") else "right")
+    for r in ins.layers:
+        table.add_row(r["name"], r["shape"], f"{r['numel']:,}", r["scheme"], r["detail"], f"{r['bits']:,}",
+                      f"{r['bytes']:,}")
+    console.print(table)

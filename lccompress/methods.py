@@ -1,0 +1,68 @@
+"""Every compression method behind one call: the LC family, and Frank-Wolfe training then DC.
+
+    compress(model, recipe, data, method=…)    "dc", "idc", "lc", "finetune" (lccompress.lc);
+                                               "sfw", "fw-grow" (lccompress.fw, then "dc")
+
+`lc` and `fw` are siblings that never import each other; this module composes them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import lc
+from .errors import ConfigError
+from .fw import GROW_DEFAULTS, SFW_DEFAULTS, constraints_for, fw_grow, sfw_refine
+from .lc import LCConfig, Result
+from .recipe import Recipe
+from .schemes import Prune
+from .train import as_data, resolve_device
+
+METHODS = lc.METHODS + ("sfw", "fw-grow")
+
+
+def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str = "lc",
+             config: LCConfig = LCConfig(), device: str | torch.device = "auto", seed: int = 0,
+             sfw: Mapping[str, Any] | None = None, **options: Any) -> Result:
+    """Compress a trained model by `method`; the input model is not changed.
+
+    Methods: "dc", "idc", "lc", "finetune" (`lccompress.lc.compress`, which documents `options`:
+    loss, metric, lstep, callback, on_epoch, state_dir, resume); "sfw" (stochastic Frank-Wolfe
+    refinement inside the recipe's matching norm balls, `fw.SFW_DEFAULTS`, then one-shot DC);
+    "fw-grow" (pruning recipes only: the compressed weights grow from zero by Frank-Wolfe on the
+    distillation loss against the model, at most κ non-zeros by construction, then DC, which keeps
+    them all). `sfw` overrides `fw.SFW_DEFAULTS`.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
+    if method in lc.METHODS:
+        return lc.compress(model, recipe, data, method=method, config=config, device=device, seed=seed, **options)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"recipe={recipe!r} is not a Recipe")
+    d = as_data(data)
+    if "train" not in d and options.get("lstep") is None:
+        raise ConfigError(f"method {method!r} trains, so it needs training data (or an lstep function)")
+    if options.get("lstep") is not None:
+        raise ConfigError(f"method {method!r} trains with its own Frank-Wolfe steps; lstep= does not apply")
+    dev = resolve_device(device)
+    t = time.perf_counter()
+    if method == "sfw":
+        trained = sfw_refine(model, d, constraints_for(recipe, model), loss=options.get("loss"), device=dev,
+                             seed=seed, **{**SFW_DEFAULTS, **(sfw or {})})
+    else:
+        groups = recipe.groups(model)
+        if len(groups) != 1 or not isinstance(groups[0].scheme, Prune):
+            raise ConfigError("fw-grow grows one sparse constraint: give a single pruning rule (joint for several layers)")
+        count = groups[0].scheme.kappa(groups[0].shape.numel())
+        trained = fw_grow(model, model, d, count=count, params=list(groups[0].params), device=dev,
+                          seed=seed, **GROW_DEFAULTS)
+    seconds = time.perf_counter() - t
+    r = lc.compress(trained, recipe, d, method="dc", config=config, metric=options.get("metric"), device=dev,
+                    seed=seed)
+    r.method = method
+    r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
+    return r
