@@ -15,30 +15,8 @@ from click.testing import CliRunner
 
 from lccompress.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    """The fixture checkpoint and data (fixtures/make.py), plus --model / --data specs for them."""
-    d = tmp_path_factory.mktemp("fx")
-    spec = importlib.util.spec_from_file_location("make", ROOT / "fixtures" / "make.py")
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
-    paths = make.build(d)
-    (d / "data.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nimport digits_model\n"
-        "def loaders():\n    return digits_model.loaders(%r)\n"
-        "def missing_eval():\n    return digits_model.loaders(%r)['train']\n"
-        "def broken():\n    raise RuntimeError('disk on fire')\n"
-        "def unlabelled():\n    d = digits_model.loaders(%r)\n"
-        "    return {'train': [x for x, _ in d['train']], 'eval': [x for x, _ in d['eval']]}\n"
-        "def wrong_shape():\n    import torch\n    x = torch.zeros(8, 10)\n"
-        "    return {'train': [(x, torch.zeros(8, dtype=torch.long))]}\n"
-        % (str(ROOT / "fixtures"), str(paths["data"]), str(paths["data"]), str(paths["data"])))
-    return {"dir": d, "ckpt": str(paths["checkpoint"]), "st": str(paths["safetensors"]),
-            "model": f"{ROOT / 'fixtures' / 'digits_model.py'}:mlp", "data": f"{d / 'data.py'}:loaders"}
 
 
 def run(*args, ok=True):
