@@ -96,32 +96,6 @@ def select(module: nn.Module, has_code: bool, include: Iterable[str], exclude: I
     return chosen
 
 
-def default_targets(module: nn.Module, has_code: bool) -> list[str]:
-    """Weights of Linear, Conv and Embedding layers; from a bare state_dict, every ≥2-D `*.weight`."""
-    kinds = {c.__name__ for c in COMPRESSIBLE}
-    if has_code:  # TorchScript modules keep their Python class name in original_name
-        found = [f"{n}.weight" if n else "weight" for n, m in module.named_modules()
-                 if (isinstance(m, COMPRESSIBLE) or getattr(m, "original_name", None) in kinds)
-                 and isinstance(getattr(m, "weight", None), Tensor)]
-        if found:
-            return found
-    return [n for n, p in module.named_parameters() if n.endswith("weight") and p.dim() >= 2]
-
-
-def select(module: nn.Module, has_code: bool, include: Iterable[str], exclude: Iterable[str]) -> list[str]:
-    names = [n for n, p in module.named_parameters() if p.is_floating_point()]
-    include, exclude = list(include), list(exclude)
-    for pat in include + exclude:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise ConfigError(f"glob {pat!r} matches no parameter; parameters are: {', '.join(names)}")
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)] if include else \
-        default_targets(module, has_code)
-    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
-    if not chosen:
-        raise ConfigError("no parameter left to compress (check --include / --exclude)")
-    return chosen
-
-
 def load_data(spec: str) -> dict[str, Any]:
     fn = load_callable(spec, "--data")
     try:

@@ -75,8 +75,8 @@ def _ids(scores: Tensor, kappas: Sequence[int]) -> Tensor:
     pos = torch.empty_like(order)
     pos[order] = torch.arange(order.numel(), device=order.device)
     ids = torch.zeros(order.numel(), dtype=torch.uint8, device=order.device)
-    for kappa in kappas:
-        ids += (pos < kappa).to(torch.uint8)
+    for k in kappas:
+        ids += (pos < k).to(torch.uint8)
     return ids
 
 

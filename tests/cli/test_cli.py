@@ -1,6 +1,5 @@
 """Every command through Click's CliRunner; bad input gives one line and no output file."""
 
-import importlib.util
 import json
 import os
 import signal
