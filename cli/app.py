@@ -14,6 +14,7 @@ from rich.console import Console
 
 from lccompress import api
 from lccompress.errors import LCError
+from lccompress.methods import METHODS
 
 from .render import Reporter, print_inspection, print_report
 
@@ -93,7 +94,7 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--metric", default="accuracy", show_default=True, help="accuracy | FILE.py:FUNC."),
         click.option("--include", multiple=True, help="Glob of parameters to compress (repeatable)."),
         click.option("--exclude", multiple=True, help="Glob of parameters to leave dense (repeatable)."),
-        click.option("--method", type=click.Choice(["dc", "idc", "lc", "finetune", "sfw", "fw-grow"]),
+        click.option("--method", type=click.Choice(list(METHODS)),
                      help="Default: lc with --data, dc without. sfw: Frank-Wolfe refinement, then one-shot."),
         click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="LC / iDC steps."),
         click.option("--epochs", type=click.IntRange(min=0), default=5, show_default=True, help="Epochs per L step."),

@@ -95,8 +95,8 @@ def _read_zip(path: Path, trust: bool) -> Checkpoint:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt archive ({e})") from None
+    except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, NotImplementedError, UnicodeDecodeError, ...
+        raise CheckpointError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {_first_line(e)})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt archive (member {bad} fails its checksum)")
     if any(n.endswith("/archive_format") for n in names):
@@ -110,20 +110,31 @@ def _read_zip(path: Path, trust: bool) -> Checkpoint:
     return _read_pickle(path, trust)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _read_pickle(path: Path, trust: bool) -> Checkpoint:
+    needs_trust = False
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+        needs_trust = True
+    except Exception as e:  # noqa: BLE001 - a damaged pickle can raise almost anything
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+    if needs_trust:
         if not trust:
             raise CheckpointError(
                 f"{path}: a pickled Python object (such as a whole nn.Module); loading it runs code from "
                 "the file. Pass --trust-checkpoint if you trust its source, or save model.state_dict() "
-                "and give the model with --model") from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+                "and give the model with --model")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - the file's own code, or a damaged pickle
+            raise CheckpointError(f"{path}: cannot unpickle it ({type(e).__name__}: {_first_line(e)}); a whole "
+                                  "module needs its class importable (or save its state_dict)") from None
     if isinstance(obj, nn.Module):
         return Checkpoint(path, "module", dict(obj.state_dict()), obj)
     return Checkpoint(path, "state_dict", _flatten(obj, path))
@@ -157,7 +168,8 @@ def _read_exported(path: Path, names: list[str], trust: bool) -> Checkpoint:
                 size = [d["as_int"] for d in meta["sizes"]]
                 stride = [d["as_int"] for d in meta["strides"]]
                 state[fqn] = flat.as_strided(size, stride, meta["storage_offset"]["as_int"]).clone()
-    except (StopIteration, KeyError, TypeError, json.JSONDecodeError, RuntimeError, ValueError) as e:
+    except (StopIteration, KeyError, TypeError, AttributeError, json.JSONDecodeError, RuntimeError, ValueError,
+            zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: cannot read the weights of this .pt2 program ({e})") from None
     return Checkpoint(path, "exported", state)
 

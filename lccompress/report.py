@@ -50,14 +50,19 @@ def layers(groups, thetas: Mapping[str, Mapping[str, Tensor]], size) -> list[dic
 def write(path: str | os.PathLike, report: Mapping[str, Any]) -> None:
     """Write the report as JSON (.json) or Markdown (anything else), atomically."""
     p = os.fspath(path)
-    text = json.dumps(report, indent=2, default=_default) + "\n" if p.endswith(".json") else markdown(report)
+    text = json.dumps(_finite(report), indent=2, default=str) + "\n" if p.endswith(".json") else markdown(report)
     atomic_write(p, text.encode())
 
 
-def _default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
+def _finite(o: Any) -> Any:
+    """The report with every non-finite float as None (JSON null): strict readers reject NaN."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, Mapping):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _pct(x: float | None) -> str:
@@ -96,7 +101,7 @@ def summary_text(s: Mapping[str, Any]) -> str:
         return f"k = {s['k']}"
     if "terms" in s:
         return " + ".join(summary_text(t) for t in s["terms"])
-    return ""
+    return ", ".join(f"{k} {v}" for k, v in s.items())  # a scheme's own facts, as they are
 
 
 def versions() -> dict[str, str]:

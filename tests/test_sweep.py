@@ -1,6 +1,8 @@
 """The sweep: curve.json and curve.svg are written, parse, and hold what independent runs give."""
 
+import copy
 import json
+import math
 import os
 import xml.etree.ElementTree as ET
 
@@ -10,7 +12,6 @@ from torch import nn
 
 import lccompress as lcc
 from lccompress import artifact, sweep
-from lccompress.train import accuracy, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,30 @@ def test_sweep_writes_parseable_json_and_svg(tmp_path, setup):
             assert 0 <= p["metric"] <= 1 and p["error"] == pytest.approx(100 * (1 - p["metric"]), abs=1e-3)
             assert 0 < p["theta_bytes"] < curve["reference"][0]["bytes"]
             assert p["bytes"] == os.stat(tmp_path / p["artifact"]).st_size
-    # DC points: the metric of lccompress.compress(..., "dc") evaluated here, the size of its artifact
+    # DC points against global magnitude pruning done here: over 0.weight and 2.weight together keep
+    # the κ = round(keep·n) largest |w| (at least 1), zero the rest, and count arg-max == y by hand
+    names = ["0.weight", "2.weight"]
+    flat = torch.cat([model.state_dict()[n].reshape(-1) for n in names])
+    n = flat.numel()
     for p, keep in zip(curve["dc"], levels):
-        recipe = lcc.Recipe.single(["0.weight", "2.weight"], lcc.Prune(keep=keep), joint=True)
-        r = lcc.compress(model, recipe, method="dc", device="cpu")
-        acc, _, _ = evaluate(r.model, data["eval"], torch.device("cpu"), accuracy)
-        assert p["metric"] == pytest.approx(acc)
-        assert p["bytes"] == artifact.save(tmp_path / "check.safetensors", r.model, r.thetas, r.groups, recipe=recipe)
-        assert p["bytes"] == os.stat(tmp_path / "check.safetensors").st_size
+        kappa = max(1, round(keep * n))
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[flat.abs().sort(descending=True).indices[:kappa]] = True
+        pruned = copy.deepcopy(model)
+        with torch.no_grad():
+            kept = torch.where(mask, flat, torch.zeros_like(flat))
+            pruned[0].weight.copy_(kept[:256].reshape(32, 8))
+            pruned[2].weight.copy_(kept[256:].reshape(2, 32))
+            right = sum(int((pruned(x).argmax(1) == y).sum()) for x, y in data["eval"])
+        total = sum(y.numel() for _, y in data["eval"])
+        assert p["metric"] == pytest.approx(right / total)
+        # the point's artifact holds these weights, and θ is κ float32 values plus positions (a bit
+        # mask or κ indices of ⌈log2 n⌉ bits, the smaller) next to the dense biases (32 + 2 floats)
+        stored = artifact.load(tmp_path / p["artifact"]).state_dict
+        assert stored.keys() == pruned.state_dict().keys()
+        assert all(torch.equal(stored[k], v) for k, v in pruned.state_dict().items())
+        bits = kappa * 32 + min(n, kappa * math.ceil(math.log2(n)))
+        assert p["theta_bytes"] == math.ceil(bits / 8) + (32 + 2) * 4
     assert curve["dc"][0]["bytes"] > curve["dc"][1]["bytes"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

@@ -71,12 +71,22 @@ class SizeReport:
         return sum(g.dense_bits for g in self.groups)
 
 
+def _load_onnx(path: str) -> onnx.ModelProto:
+    """The ONNX model's protobuf (without external data); ArtifactError when it does not parse."""
+    try:
+        return onnx.load(path, load_external_data=False)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, RuntimeError, ...
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+
+
 def disk_bytes(path: str | os.PathLike) -> int:
     """Bytes on disk of an artifact: the file, plus for ONNX every external data file it names."""
     path = os.fspath(path)
     total = os.stat(path).st_size
     if path.endswith(".onnx"):
-        m = onnx.load(path, load_external_data=False)
+        m = _load_onnx(path)
         locs = {e.value for t in _onnx_tensors(m.graph) for e in t.external_data if e.key == "location"}
         total += sum(os.stat(os.path.join(os.path.dirname(path), loc)).st_size for loc in locs)
     return total
@@ -144,14 +154,17 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def _onnx_report(path: str) -> SizeReport:
-    m = onnx.load(path, load_external_data=False)
-    nbytes = {t.name: _tensor_bytes(t) for t in _onnx_tensors(m.graph)}
-    meta = {p.key: p.value for p in m.metadata_props}
-    entries = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+    m = _load_onnx(path)
     out, claimed = [], set()
-    for name, e in entries.items():
-        claimed.update(e["initializers"])
-        out.append(_group_size(name, e, 8 * sum(nbytes.get(t, 0) for t in e["initializers"])))
+    try:
+        nbytes = {t.name: _tensor_bytes(t) for t in _onnx_tensors(m.graph)}
+        meta = {p.key: p.value for p in m.metadata_props}
+        entries = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+        for name, e in entries.items():
+            claimed.update(e["initializers"])
+            out.append(_group_size(name, e, 8 * sum(nbytes.get(t, 0) for t in e["initializers"])))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: its lccompress metadata is unreadable ({type(e).__name__}: {e})") from None
     total = disk_bytes(path)
     dense = 8 * sum(b for k, b in nbytes.items() if k not in claimed)
     return SizeReport(tuple(out), dense, total - sum(nbytes.values()), total)

@@ -169,6 +169,8 @@ class Codes(Codec):
 
     def encode(self, t: Tensor, n: int) -> tuple[Tensor, dict[str, Any]]:
         stored, info = RAW.encode(t, n)
+        if t.dtype == torch.bool and t.numel():
+            t = t.to(torch.uint8)  # bool codes pack at one bit; the manifest keeps the dtype
         if _plain(t):
             return stored, info
         a = t.numpy().reshape(-1)
