@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 import math
 import statistics
 import time
@@ -98,8 +99,7 @@ def main() -> None:
     print(f"B1 digits MLP, test error, mean of seeds {a.seeds}, {a.threads} thread(s)")
     print(table(res))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        Path(a.json).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -242,8 +242,7 @@ def main() -> None:
           f"{a.steps} L steps × {a.epoch_size} samples, {a.threads} thread(s)")
     print(tables(res))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        Path(a.json).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

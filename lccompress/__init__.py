@@ -6,8 +6,8 @@ Layers, arrows one way (see README, "How the code is organised"):
 """
 
 from .errors import ConfigError, DivergenceError, LCError
-from .lc import LCConfig, LStepContext, Result, StepRecord, one_shot
-from .methods import METHODS, compress
+from .lc import LCConfig, LStepContext, Result, StepRecord
+from .methods import METHODS, compress, one_shot
 from .recipe import Group, Recipe, Rule, Span
 from .schemes import (
     Additive, Binarize, Codebook, FixedCodebook, L0Penalty, L1Ball, L1Penalty, LowRank, Prune,

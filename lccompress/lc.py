@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,6 @@ from .errors import ConfigError
 from .lc_config import LCConfig, LStep, LStepContext, Result, StepRecord
 from .lc_state import LCState, fingerprint
 from .recipe import Recipe
-from .schemes import LowRank, Prune
 from .schemes.base import Theta
 from .train import (Guard, LossFn, MetricFn, accuracy, as_data, copy_module, cosine, cross_entropy, evaluate,
                     resolve_device, seeded, train_epochs)
@@ -80,29 +79,6 @@ def compress(
         run.state = LCState(Path(state_dir), fingerprint(method, run.cfg, recipe, seed, shapes), resume)
     with seeded(seed, dev):
         return getattr(run, method)()
-
-
-def one_shot(
-    model: nn.Module,
-    params: str | Sequence[str],
-    *,
-    keep: float | None = None,
-    count: int | None = None,
-    rank: int | None = None,
-    joint: bool = True,
-    device: str | torch.device = "cpu",
-) -> Result:
-    """One-shot compression without training, by direct compression ("dc"): magnitude pruning
-    Prune(keep | count), one global top-κ over `params` when `joint`, or truncated SVD
-    LowRank(rank) per tensor. Returns the `Result` (model = Δ(θ), θ, bits)."""
-    if (rank is None) == (keep is None and count is None):
-        raise ConfigError("one_shot needs either keep / count (pruning) or rank (low rank)")
-    params = [params] if isinstance(params, str) else list(params)
-    if rank is not None:
-        recipe = Recipe.single(params, LowRank(rank))
-    else:
-        recipe = Recipe.single(params, Prune(keep=keep, count=count), joint=joint)
-    return compress(model, recipe, method="dc", config=LCConfig(), device=device)
 
 
 class _Run:

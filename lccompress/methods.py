@@ -2,6 +2,7 @@
 
     compress(model, recipe, data, method=…)    "dc", "idc", "lc", "finetune" (lccompress.lc);
                                                "sfw", "fw-grow" (lccompress.fw, then "dc")
+    one_shot(model, params, keep= | rank=)     magnitude pruning or SVD truncation by DC
 
 `lc` and `fw` are siblings that never import each other; this module composes them.
 """
@@ -9,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .errors import ConfigError
 from .fw import GROW_DEFAULTS, SFW_DEFAULTS, constraints_for, fw_grow, sfw_refine
 from .lc import LCConfig, Result
 from .recipe import Recipe
-from .schemes import Prune
+from .schemes import LowRank, Prune
 from .train import as_data, resolve_device
 
 METHODS = lc.METHODS + ("sfw", "fw-grow")
@@ -66,3 +67,26 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
     r.method = method
     r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
     return r
+
+
+def one_shot(
+    model: nn.Module,
+    params: str | Sequence[str],
+    *,
+    keep: float | None = None,
+    count: int | None = None,
+    rank: int | None = None,
+    joint: bool = True,
+    device: str | torch.device = "cpu",
+) -> Result:
+    """One-shot compression without training, by direct compression ("dc"): magnitude pruning
+    Prune(keep | count), one global top-κ over `params` when `joint`, or truncated SVD
+    LowRank(rank) per tensor. Returns the `Result` (model = Δ(θ), θ, bits)."""
+    if (rank is None) == (keep is None and count is None):
+        raise ConfigError("one_shot needs either keep / count (pruning) or rank (low rank)")
+    params = [params] if isinstance(params, str) else list(params)
+    if rank is not None:
+        recipe = Recipe.single(params, LowRank(rank))
+    else:
+        recipe = Recipe.single(params, Prune(keep=keep, count=count), joint=joint)
+    return lc.compress(model, recipe, method="dc", config=LCConfig(), device=device)

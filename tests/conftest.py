@@ -18,6 +18,18 @@ def digits_ref():
     return digits.train_reference(0, epochs=20, data=data), data
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """A ToyNet (seed 0) and three batches of a 3-class problem on 6 features."""
+    from nets import ToyNet
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(96, 6, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    torch.manual_seed(0)
+    return ToyNet(), [(X[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+
+
 @pytest.fixture(scope="session")
 def fx(tmp_path_factory):
     """The fixture checkpoint and data (fixtures/make.py), plus --model / --data specs for them."""

@@ -18,6 +18,17 @@ class ConvNet(nn.Module):
         return self.fc(F.relu(self.conv2(F.relu(self.bn(self.conv1(x))))).flatten(1))
 
 
+class ToyNet(nn.Module):
+    """6 → 12 → 3 ReLU network for the Frank-Wolfe and method tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
 SCHEMES = {  # one case per scheme family and layout: name: (scheme, joint)
     "prune": (lc.Prune(keep=0.1), False),
     "prune_joint": (lc.Prune(keep=0.05), True),

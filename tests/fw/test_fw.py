@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
 
 import lccompress as lcc
 from lccompress import fw
@@ -168,25 +167,6 @@ def test_count_above_the_size_raises():
 
 
 # ----------------------------------------------------------------------------- SFW
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-@pytest.fixture(scope="module")
-def toy():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(96, 6, generator=g)
-    y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 1).long()
-    loader = [(X[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
-    torch.manual_seed(0)
-    return _Net(), loader
-
-
 def _inside(constraints, ref_norms, slack=1.0):
     """A callback checking every iterate against the radius computed from the reference."""
     seen = []
@@ -286,18 +266,6 @@ def test_fw_grow_bad_count_raises(toy):
         fw.fw_grow(model, model, loader, count=1000, epochs=1, lr=1.0)
 
 
-def test_one_shot_prunes_to_the_global_magnitude_mask(toy):
-    model, _ = toy
-    names = ["fc1.weight", "fc2.weight"]
-    res = lcc.one_shot(model, names, keep=0.25)
-    flat = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
-    kept = torch.zeros_like(flat, dtype=torch.bool)
-    kept[torch.topk(flat.abs(), round(0.25 * flat.numel())).indices] = True
-    got = torch.cat([dict(res.model.named_parameters())[n].detach().reshape(-1) for n in names])
-    assert torch.equal(got, torch.where(kept, flat, torch.zeros_like(flat)))
-    assert res.bits() < res.dense_bits()
-
-
 def test_constraints_for_a_recipe(toy):
     model, _ = toy
     recipe = lcc.Recipe((lcc.Rule(("fc1.weight", "fc2.weight"), lcc.Prune(keep=0.1), joint=True),))
@@ -306,14 +274,10 @@ def test_constraints_for_a_recipe(toy):
     assert fw.constraints_for(recipe, model) == {"fc1.weight": fw.SpectralKSupport(k=6), "fc2.weight": fw.L2Ball()}
 
 
-def test_one_shot_low_rank_and_filters(toy):
+def test_prune_filters_keeps_the_rows_of_largest_norm(toy):
     model, _ = toy
-    res = lcc.one_shot(model, "fc1.weight", rank=2)
-    assert int(torch.linalg.matrix_rank(res.model.fc1.weight.detach())) == 2
     out = fw.prune_filters(model, ["fc1.weight"], keep=0.25)
     rows = model.fc1.weight.detach().norm(dim=1)
     keep = set(torch.topk(rows, 3).indices.tolist())
     for i in range(12):
         assert torch.equal(out.fc1.weight[i], model.fc1.weight[i] if i in keep else torch.zeros(6))
-    with pytest.raises(lcc.ConfigError):
-        lcc.one_shot(model, "fc1.weight")
