@@ -1,5 +1,6 @@
 """Small models shared by the tests."""
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,6 +28,20 @@ class ToyNet(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x)))
+
+
+def make(kind: str, batch: int = 5):
+    """(model, its compressible weights, an input batch) for kind "mlp" (the digits MLP) or "conv"
+    (ConvNet with BatchNorm statistics that are not the defaults), seed 0."""
+    from lccompress.digits import MLP
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return MLP(), ["fc1.weight", "fc2.weight", "fc3.weight"], torch.randn(batch, 64)
+    m = ConvNet()
+    m.bn.running_mean.uniform_(-1, 1), m.bn.running_var.uniform_(0.5, 2)
+    m.bn.num_batches_tracked += 7
+    return m, ["conv1.weight", "conv2.weight", "fc.weight"], torch.randn(batch, 1, 8, 8)
 
 
 SCHEMES = {  # one case per scheme family and layout: name: (scheme, joint)

@@ -20,17 +20,8 @@ from lccompress.artifact import ArtifactError, load, load_into_, save, size_repo
 from lccompress.artifact.container import META_KEY, seal, unseal
 from lccompress.schemes.codecs import delta_decode, delta_encode
 from lccompress.digits import MLP
-from nets import SCHEMES, ConvNet
+from nets import SCHEMES, ConvNet, make
 
-
-def make(kind):
-    torch.manual_seed(0)
-    if kind == "mlp":
-        return MLP(), ["fc1.weight", "fc2.weight", "fc3.weight"], torch.randn(5, 64)
-    m = ConvNet()
-    m.bn.running_mean.uniform_(-1, 1), m.bn.running_var.uniform_(0.5, 2)
-    m.bn.num_batches_tracked += 7
-    return m, ["conv1.weight", "conv2.weight", "fc.weight"], torch.randn(5, 1, 8, 8)
 
 
 def dc(kind, name):

@@ -14,19 +14,14 @@ from torch import nn
 
 import lccompress as lc
 from lccompress.artifact import disk_bytes, export_onnx, size_report, verify_onnx
-from lccompress.digits import MLP
-from nets import SCHEMES, ConvNet
+from nets import SCHEMES
+from nets import make as nets_make
 
 
 
 
 def make(kind):
-    torch.manual_seed(0)
-    if kind == "mlp":
-        return MLP(), ["fc1.weight", "fc2.weight", "fc3.weight"], torch.randn(7, 64)
-    m = ConvNet()
-    m.bn.running_mean.uniform_(-1, 1), m.bn.running_var.uniform_(0.5, 2)
-    return m, ["conv1.weight", "conv2.weight", "fc.weight"], torch.randn(7, 1, 8, 8)
+    return nets_make(kind, 7)
 
 
 SCHEMES = {
