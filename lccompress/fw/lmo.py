@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..schemes.lowrank import top_singular
 from ..util import as_matrix, kappa
 
 _TINY = 1e-30
@@ -57,25 +58,6 @@ def k_support_norm(x: Tensor, k: int) -> float:
     ok = tail[s] >= c * z[s] * (1 - 1e-12)
     val = torch.where(ok, head[s] + tail[s] ** 2 / c, torch.full_like(c, math.inf))
     return float(val.min().clamp(min=0).sqrt())
-
-
-def _top_singular(g: Tensor, k: int, iters: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """U (m, k), σ (k,), Vh (k, n) of the k leading singular triplets of g (m, n).
-
-    Block power (subspace) iteration from a seeded Gaussian start, oversampled by 8 columns,
-    then an exact SVD of the small projection Qᵀg; a full SVD when that block would cover g.
-    """
-    m, n = g.shape
-    q = min(k + 8, m, n)
-    if q == min(m, n):
-        U, S, Vh = torch.linalg.svd(g, full_matrices=False)
-        return U[:, :k], S[:k], Vh[:k]
-    gen = torch.Generator(device=g.device).manual_seed(seed)
-    Q = torch.linalg.qr(g @ torch.randn(n, q, generator=gen, device=g.device, dtype=g.dtype)).Q  # (m, q)
-    for _ in range(iters):
-        Q = torch.linalg.qr(g @ torch.linalg.qr(g.T @ Q).Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.T @ g, full_matrices=False)  # (q, q), (q,), (q, n)
-    return Q @ Ub[:, :k], S[:k], Vh[:k]
 
 
 # ----------------------------------------------------------------------------- LMOs
@@ -223,7 +205,8 @@ class SpectralKSupport(LMO):
 
     def _triplets(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         G = _matrix(g)
-        return _top_singular(G, k_of(self.k, min(G.shape), "singular values"), self.iters, self.seed)
+        return top_singular(G, k_of(self.k, min(G.shape), "singular values"), iters=self.iters, oversample=8,
+                            seed=self.seed, tol=None)
 
     def lmo(self, g: Tensor) -> Tensor:
         U, S, Vh = self._triplets(g)  # (m, k), (k,), (k, n)

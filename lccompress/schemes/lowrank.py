@@ -1,5 +1,9 @@
 """Low rank by truncated SVD. θ = {"U": (m, r), "V": (r, n)} with Δ(θ) = U V reshaped.
 
+The C step takes the r leading singular triplets by randomized subspace iteration when
+r ≪ min(m, n) (`top_singular`), by the exact SVD otherwise; rank selection needs only the
+singular values (`torch.linalg.svdvals`) to choose r.
+
 A weight of shape (out, *rest) — a conv kernel (out, in, kh, kw) — is handled as the matrix
 (out, in·kh·kw). The singular values are split evenly, U = U_r √S_r and V = √S_r V_rᵀ.
 """
@@ -22,10 +26,36 @@ def _factors(r: int, U: Tensor, S: Tensor, Vh: Tensor) -> Theta:
     return {"U": (U[:, :r] * s).contiguous(), "V": (s[:, None] * Vh[:r]).contiguous()}  # (m, r), (r, n)
 
 
-def _svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    w2 = as_matrix(w.detach(), "low rank")
-    U, S, Vh = torch.linalg.svd(w2, full_matrices=False)  # (m, q), (q,), (q, n)
-    return w2, U, S, Vh
+def top_singular(g: Tensor, k: int, *, iters: int = 4, oversample: int | None = None, seed: int = 0,
+                 tol: float | None = 3e-4, max_iters: int = 40) -> tuple[Tensor, Tensor, Tensor]:
+    """U (m, k), σ (k,), Vh (k, n): the k leading singular triplets of g (m, n).
+
+    Randomized: block power (subspace) iteration from a seeded Gaussian start of k + p columns
+    (p = `oversample`, default max(8, k/2)), re-orthonormalized by QR at every half step, then
+    the exact SVD of the small projection Qᵀg (Halko, Martinsson & Tropp 2011). `iters`
+    iterations, then, with `tol`, more (up to `max_iters`) while the energy the k triplets
+    capture, Σσ², still grows by more than tol × the energy left out (flat spectra converge
+    slowly). When the block would not be much smaller than g, the exact SVD instead. Runs on g's
+    device; same seed, same bytes.
+    """
+    m, n = g.shape
+    q = min(k + (oversample if oversample is not None else max(8, k // 2)), m, n)
+    if 4 * q > min(m, n):
+        U, S, Vh = torch.linalg.svd(g, full_matrices=False)  # (m, r), (r,), (r, n)
+        return U[:, :k], S[:k], Vh[:k]
+    gen = torch.Generator(device=g.device).manual_seed(seed)
+    Q = torch.linalg.qr(g @ torch.randn(n, q, generator=gen, device=g.device, dtype=g.dtype)).Q  # (m, q)
+    total = float(g.double().pow(2).sum()) if tol is not None else 0.0
+    captured = -1.0
+    for it in range(max_iters if tol is not None else iters):
+        Q = torch.linalg.qr(g @ torch.linalg.qr(g.T @ Q).Q).Q
+        if tol is not None and it + 1 >= iters:
+            now = float(torch.linalg.svdvals(Q.T @ g)[:k].double().pow(2).sum())
+            if now - captured <= tol * max(total - now, 0.0):
+                break
+            captured = now
+    Ub, S, Vh = torch.linalg.svd(Q.T @ g, full_matrices=False)  # (q, q), (q,), (q, n)
+    return Q @ Ub[:, :k], S[:k], Vh[:k]
 
 
 class _LowRankBase(Scheme):
@@ -68,8 +98,9 @@ class LowRank(_LowRankBase):
             raise ConfigError(f"rank={self.rank!r} must be an integer ≥ 1")
 
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
-        w2, U, S, Vh = _svd(w)
-        return _factors(min(self.rank, S.numel()), U, S, Vh)
+        w2 = as_matrix(w.detach(), "low rank")
+        r = min(self.rank, *w2.shape)
+        return _factors(r, *top_singular(w2, r))
 
 
 @dataclass(frozen=True)
@@ -105,5 +136,8 @@ class RankSelection(_LowRankBase):
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
         if mu is None or not mu > 0:
             raise ConfigError(f"the rank_selection C step needs μ > 0, got mu={mu!r}")
-        w2, U, S, Vh = _svd(w)
-        return _factors(self.rank_for(S, *w2.shape, float(mu)), U, S, Vh)
+        w2 = as_matrix(w.detach(), "low rank")
+        r = self.rank_for(torch.linalg.svdvals(w2), *w2.shape, float(mu))  # the rank needs σ only
+        if r == 0:
+            return {"U": w2.new_zeros(w2.shape[0], 0), "V": w2.new_zeros(0, w2.shape[1])}
+        return _factors(r, *top_singular(w2, r))

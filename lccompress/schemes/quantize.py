@@ -7,9 +7,10 @@ store only the codes (plus a scale for the scaled ones).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,93 +24,105 @@ def _codes_dtype(k: int) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- 1-D k-means
-def _lloyd(xs: Tensor, s1: Tensor, c: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
-    """Lloyd iterations on sorted data xs (n,) float64 with prefix sums s1 (n+1,).
+# In 1-D the clusters of an optimal k-means are contiguous runs of the sorted data, so everything
+# works on the sorted values xs: a cluster is a run xs[a:b], its mean and SSE come from prefix
+# sums. The C step is
+#   1. sort (numpy's SIMD sort on the CPU, values only; torch.sort on a device);
+#   2. summarize xs as m points: its distinct values (then the summary is exact) or m runs of
+#      equal count, each with its count, sum and sum of squares;
+#   3. the exact DP over the m summary points (optimal when they are the distinct values);
+#   4. Lloyd on the full data from that partition (and from the warm start, if any), each
+#      iteration O(k log n) by binary search of the midpoints, until the partition is stable;
+#      the candidate of least SSE wins.
+# Extra memory: the sorted copy, plus O(n / 256) block sums; nothing else of size n.
 
-    In 1-D each cluster is a contiguous run of xs, so an iteration costs O(k log n):
-    split points p (k+1,) from the midpoints, centroids from prefix sums.
-    Returns sorted centroids (k,) and split points (k+1,).
-    """
-    n = xs.numel()
-    ends = xs.new_tensor([0, n], dtype=torch.long)
-    prev = None
-    for _ in range(max_iter):
-        c = torch.sort(c).values
-        p = torch.cat([ends[:1], torch.searchsorted(xs, (c[:-1] + c[1:]) / 2), ends[1:]])  # (k+1,)
-        if prev is not None and torch.equal(p, prev):
-            break
-        cnt = p[1:] - p[:-1]
-        mean = (s1[p[1:]] - s1[p[:-1]]) / cnt.clamp(min=1)
-        c = torch.where(cnt > 0, mean, c)
-        if bool((cnt == 0).any()):
-            c = _reseed_empty(xs, s1, c, p, cnt)
-        prev = p
-    return c, p
+_BLOCK = 256  # elements per block of the exact prefix sums
+_DENSE_DP = 1024  # up to this many summary points the DP layers are dense (m × m) tensor ops
 
 
-def _reseed_empty(xs: Tensor, s1: Tensor, c: Tensor, p: Tensor, cnt: Tensor) -> Tensor:
-    """Move each empty cluster's centroid to the point farthest from its centroid."""
-    c = c.clone()
-    err = (xs - c.repeat_interleave(cnt)) ** 2  # (n,)
-    for j in (cnt == 0).nonzero().reshape(-1).tolist():
-        i = int(err.argmax())
-        if float(err[i]) == 0.0:
-            break  # fewer distinct values than clusters
-        c[j] = xs[i]
-        err[i] = 0.0
-    return c
+def _sorted_flat(x: Tensor) -> Tensor:
+    """x flattened and sorted ascending, float32 (float64 stays), on x's device; values only."""
+    v = x.detach().reshape(-1)
+    if v.dtype != torch.float64:
+        v = v.float()
+    if v.device.type == "cpu":
+        return torch.from_numpy(np.sort(v.numpy()))
+    return torch.sort(v).values
 
 
-def _seg(s1: Tensor, s2: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """SSE of each run xs[a:b] about its mean (0 for an empty run)."""
-    m = (b - a).clamp(min=1)
+class _Prefix:
+    """Exact prefix sums Σ_{i<p} xs_i and Σ_{i<p} xs_i² at any positions p, from float64 sums of
+    blocks of 256 values and the partial block read at each position (blocks of 1, plain prefix
+    sums, for n ≤ 65,536)."""
+
+    def __init__(self, xs: Tensor) -> None:
+        self.xs, self.n = xs, xs.numel()
+        self.block = b = 1 if self.n <= 1 << 16 else _BLOCK
+        s1, s2 = [], []
+        step = b * 4096
+        for a in range(0, self.n, step):
+            c = xs[a:a + step].double()
+            pad = (-c.numel()) % b
+            if pad:
+                c = torch.cat([c, c.new_zeros(pad)])
+            c = c.view(-1, b)
+            s1.append(c.sum(1)), s2.append((c * c).sum(1))
+        z = xs.new_zeros(1, dtype=torch.float64)
+        self.S1 = torch.cat([z, torch.cumsum(torch.cat(s1), 0)]) if s1 else z  # (blocks + 1,)
+        self.S2 = torch.cat([z, torch.cumsum(torch.cat(s2), 0)]) if s2 else z
+        self.offs = torch.arange(b, device=xs.device)
+
+    def at(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        blk = torch.div(p, self.block, rounding_mode="floor")
+        off = p - blk * self.block
+        s1, s2 = self.S1[blk], self.S2[blk]
+        inner = torch.nonzero(off).reshape(-1)  # positions inside a block add its first `off` values
+        if inner.numel():
+            idx = (blk[inner, None] * self.block + self.offs).clamp(max=self.n - 1)  # (q', block)
+            v = torch.where(self.offs < off[inner, None], self.xs[idx].double(), 0.0)
+            s1, s2 = s1.index_add(0, inner, v.sum(1)), s2.index_add(0, inner, (v * v).sum(1))
+        return s1, s2
+
+
+def _seg(s0: Tensor, s1: Tensor, s2: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """SSE about its mean of each run of summary points [a, b) (0 for an empty run); s0, s1, s2
+    are the prefix counts, sums and sums of squares."""
+    m = (s0[b] - s0[a]).clamp(min=1)
     d = s1[b] - s1[a]
     return s2[b] - s2[a] - d * d / m
 
 
-def _refine(s1: Tensor, s2: Tensor, p: Tensor, sweeps: int = 200) -> Tensor:
-    """Coordinate descent on the split points: each split moves to its best place between its
-    neighbours (exact, by prefix sums), with cluster means following. Never worse than Lloyd's
-    fixed point it starts from, and escapes many of its local minima."""
-    p = p.clone()
-    k = p.numel() - 1
-    for _ in range(sweeps):
-        moved = False
-        for j in range(1, k):
-            a, b = int(p[j - 1]), int(p[j + 1])
-            if b - a < 2:
-                continue
-            q = torch.arange(a + 1, b, device=p.device)  # keep both clusters non-empty
-            cost = _seg(s1, s2, p[j - 1].expand_as(q), q) + _seg(s1, s2, q, p[j + 1].expand_as(q))
-            i = int(torch.argmin(cost))
-            cur = p[j : j + 1]
-            now = float(_seg(s1, s2, p[j - 1 : j], cur) + _seg(s1, s2, cur, p[j + 1 : j + 2]))
-            if float(cost[i]) < now - 1e-12 * abs(now):
-                p[j] = a + 1 + i
-                moved = True
-        if not moved:
-            break
-    return p
+def _dp_dense(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
+    """Exact k-segmentation of m summary points, each DP layer one (m+1) × (m+1) min."""
+    m = s0.numel() - 1
+    i = torch.arange(m + 1, device=s0.device)
+    cost = _seg(s0, s1, s2, i[:, None], i[None, :])  # cost[a, b] = SSE of [a, b)
+    cost = torch.where(i[:, None] < i[None, :], cost, math.inf)  # non-empty runs only
+    D, args = cost[0], []  # D_1(j) = SSE(0, j)
+    for _ in range(2, k):
+        D, A = (D[:, None] + cost).min(0)
+        args.append(A)
+    p = [m, int(torch.argmin(D + cost[:, m]))] if k > 1 else [m]
+    for A in reversed(args):
+        p.append(int(A[p[-1]]))
+    p.append(0)
+    return torch.tensor(p[::-1], device=s0.device)
 
 
-def _sse(xs: Tensor, s1: Tensor, s2: Tensor, p: Tensor) -> float:
-    cnt = (p[1:] - p[:-1]).clamp(min=1)
-    sums = s1[p[1:]] - s1[p[:-1]]
-    return float((s2[p[1:]] - s2[p[:-1]] - sums * sums / cnt).sum())
-
-
-def _dp_splits(s1: Tensor, s2: Tensor, k: int) -> Tensor:
-    """Exact 1-D k-means: optimal split points (k+1,) of sorted data by dynamic programming.
+def _dp_splits(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
+    """Exact 1-D k-means over m summary points: optimal split points (k+1,) by dynamic programming.
 
     D_c(j) = min_{i<j} D_{c−1}(i) + SSE(i, j); the best i is non-decreasing in j (the SSE is a
     Monge cost), so each layer is solved by divide and conquer, all subproblems of a recursion
-    level batched into one tensor operation: O(k·n·log n). Layer 1 is closed form and layer k
-    is needed at j = n only, so k = 2 costs O(n).
+    level batched into one tensor operation: O(k·m·log m). Layer 1 is closed form and layer k
+    is needed at j = m only, so k = 2 costs O(m). Small m use dense layers (`_dp_dense`).
     """
     n = s1.numel() - 1
+    if 2 < k and n <= _DENSE_DP:
+        return _dp_dense(s0, s1, s2, k)
     dev = s1.device
     ar = lambda m: torch.arange(m, device=dev)  # noqa: E731
-    D = _seg(s1, s2, torch.zeros(n + 1, dtype=torch.long, device=dev), ar(n + 1))  # D_1(j) = SSE(0, j)
+    D = _seg(s0, s1, s2, torch.zeros(n + 1, dtype=torch.long, device=dev), ar(n + 1))  # D_1(j) = SSE(0, j)
     args: list[Tensor] = []
     for c in range(2, k):
         Dn = torch.full_like(D, math.inf)
@@ -121,7 +134,7 @@ def _dp_splits(s1: Tensor, s2: Tensor, k: int) -> Tensor:
             ln = torch.minimum(ihi, jm - 1) - ilo + 1  # candidates per subproblem, ≥ 1
             seg = torch.repeat_interleave(ar(jm.numel()), ln)
             i = ilo[seg] + ar(seg.numel()) - (torch.cumsum(ln, 0) - ln)[seg]
-            v = D[i] + _seg(s1, s2, i, jm[seg])
+            v = D[i] + _seg(s0, s1, s2, i, jm[seg])
             mn = torch.full(jm.shape, math.inf, dtype=v.dtype, device=dev).scatter_reduce(0, seg, v, "amin")
             am = torch.full(jm.shape, n, dtype=torch.long, device=dev).scatter_reduce(
                 0, seg, torch.where(v <= mn[seg], i, n), "amin")
@@ -132,48 +145,187 @@ def _dp_splits(s1: Tensor, s2: Tensor, k: int) -> Tensor:
         D = Dn
         args.append(A)
     i = ar(n - k + 1) + k - 1  # last layer at j = n only
-    p = [n, int(i[torch.argmin(D[i] + _seg(s1, s2, i, torch.full_like(i, n)))])] if k > 1 else [n]
+    p = [n, int(i[torch.argmin(D[i] + _seg(s0, s1, s2, i, torch.full_like(i, n)))])] if k > 1 else [n]
     for A in reversed(args):
         p.append(int(A[p[-1]]))
     p.append(0)
     return torch.tensor(p[::-1], device=dev)
 
 
-def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, exact_limit: int = 2_000_000,
-              max_iter: int = 500) -> Tensor:
-    """Codebook (k,) sorted, minimizing Σᵢ minⱼ (xᵢ − cⱼ)² over a flat tensor x.
+def summary_size(n: int, k: int) -> int:
+    """How many summary points the DP gets: as many (up to 8192) as keep the DP's work within
+    about a third of sorting n values, and at least 8 per cluster (with fewer the DP's start
+    can miss the optimum by a few percent). Work per DP layer, in units of
+    about 2 ns (measured): m² + 25,000 for dense layers, log₂m·(200,000 + 5m) for divide and conquer."""
+    if k <= 2:
+        return min(n, 1 << 16)  # layer 1 is closed form, layer 2 one pass: O(m)
+    budget = max(0.8 * n * n.bit_length(), 1 << 25) / (k - 2)  # per layer; sorting n costs ≈ 2.75·n·log₂n units
+    m = 1 << 13
+    while m > k:
+        lg = m.bit_length() - 1
+        if (m * m + 25_000 if m <= _DENSE_DP else lg * (200_000 + 5 * m)) <= budget:
+            break
+        m //= 2
+    return min(n, max(m, 8 * k))
 
-    Exact by dynamic programming from a cold start, and from a warm start `init` when
-    n·(k − 2) ≤ exact_limit (always for k ≤ 2). Otherwise (a warm start on a large tensor, as in
-    the LC C steps) Lloyd's algorithm and coordinate descent on the split points, from `init`
-    and from evenly spaced quantiles; the lower distortion wins.
-    """
-    xs = torch.sort(x.detach().reshape(-1).double()).values  # (n,)
+
+def _summary(xs: Tensor, pre: _Prefix, m: int) -> tuple[bool, Tensor, Tensor, Tensor]:
+    """xs as q ≤ m summary points: (exact, prefix counts, sums, sums of squares), each (q+1,).
+    Exact: the runs of distinct values, when there are at most m. Else runs of balanced squared
+    error: from m/4 runs of equal count, the eighth of the runs of largest SSE is halved (by
+    count), again and again until there are m, so the sparse tails, whose few far values weigh most in a k-means, get as fine a
+    summary as the dense middle does."""
     n = xs.numel()
-    zero = xs.new_zeros(1)
-    s1 = torch.cat([zero, torch.cumsum(xs, 0)])  # (n+1,)
-    s2 = torch.cat([zero, torch.cumsum(xs * xs, 0)])
+    z = xs.new_zeros(1, dtype=torch.float64)
+    if int((xs[1:] != xs[:-1]).sum()) + 1 <= m:  # count first: the positions of n changes would be 2n × 4 bytes
+        change = torch.nonzero(xs[1:] != xs[:-1]).reshape(-1) + 1
+        pos = torch.cat([change.new_zeros(1), change, change.new_full((1,), n)])
+        v, cnt = xs[pos[:-1]].double(), (pos[1:] - pos[:-1]).double()  # a run's sum is value × count
+        return True, pos.double(), torch.cat([z, torch.cumsum(v * cnt, 0)]), torch.cat([z, torch.cumsum(v * v * cnt, 0)])
+    m = min(m, 8192)
+    h, nb = max(1, m // 4), -(-n // pre.block)
+    pos = (torch.div(torch.arange(h + 1, device=xs.device) * nb, h, rounding_mode="floor") * pre.block
+           if h <= nb else torch.div(torch.arange(h + 1, device=xs.device) * n, h, rounding_mode="floor")).clamp(max=n)
+    s1, s2 = pre.at(pos)
+    while pos.numel() - 1 < m:
+        cnt = (pos[1:] - pos[:-1]).double()
+        d = s1[1:] - s1[:-1]
+        sse = torch.where(cnt > 1, s2[1:] - s2[:-1] - d * d / cnt.clamp(min=1), -1.0)
+        t = min(m - (pos.numel() - 1), int((sse > 0).sum()), max(1, (pos.numel() - 1) // 8))
+        if t == 0:
+            break
+        top = torch.topk(sse, t).indices
+        mid = (pos[top] + pos[top + 1]) // 2  # halve the runs of largest SSE
+        m1, m2 = pre.at(mid)
+        order = torch.argsort(torch.cat([pos, mid]), stable=True)
+        pos, s1, s2 = torch.cat([pos, mid])[order], torch.cat([s1, m1])[order], torch.cat([s2, m2])[order]
+    return False, pos.double(), s1, s2
+
+
+def _lloyd(xs: Tensor, pre: _Prefix, c: Tensor, max_iter: int, tol: float = 1e-9) -> tuple[Tensor, float]:
+    """Lloyd's algorithm on the full sorted data from centroids c (k,) float64: each iteration
+    splits xs at the centroid midpoints (binary search) and moves each centroid to its run's mean,
+    until the partition repeats or its SSE falls by less than `tol` (relative). Returns the split
+    points (k+1,) of the final partition and its SSE."""
+    n = xs.numel()
+    ends = torch.tensor([0, n], device=xs.device)
+    p, sse = None, math.inf
+    for _ in range(max_iter):
+        c = torch.sort(c).values
+        mids = ((c[:-1] + c[1:]) / 2).to(xs.dtype)  # a value equal to a midpoint goes up, as in `assign`
+        q = torch.cat([ends[:1], torch.searchsorted(xs, mids), ends[1:]])
+        if p is not None and torch.equal(q, p):
+            break
+        s1, s2 = pre.at(q)
+        cnt = (q[1:] - q[:-1]).double()
+        d = s1[1:] - s1[:-1]
+        new = float((s2[1:] - s2[:-1] - d * d / cnt.clamp(min=1)).sum())
+        if new > sse:  # rounding at the last step: keep the better partition
+            break
+        p, done = q, sse - new <= tol * new
+        sse = new
+        c = torch.where(cnt > 0, d / cnt.clamp(min=1), c)
+        if done:
+            break
+    return p, sse
+
+
+def _banded(xs: Tensor, pre: _Prefix, p: Tensor, width: int = 64, rounds: int = 12) -> tuple[Tensor, float]:
+    """Polish split points p (k+1,) by the exact DP restricted to a band of `width` candidate
+    positions around each inner split, coarse to fine: the first band of split c spans half way
+    to its neighbours, each next one the last band's step around the new split, down to steps
+    of one position. Each round is the optimum over its bands, which hold the current splits, so
+    the SSE never grows; Lloyd's local minima, where a split would have to move together with
+    its neighbours, are left behind. Returns the split points and their SSE."""
+    n, k = xs.numel(), p.numel() - 1
+    p = p.clone()
+    span = torch.maximum(p[2:] - p[1:-1], p[1:-1] - p[:-2]).double() / 2  # (k−1,)
+    lin = torch.linspace(-1, 1, width, dtype=torch.float64, device=xs.device)
+    sse = math.inf
+    for _ in range(rounds):
+        if k < 2:
+            break
+        cand = (p[1:-1, None].double() + span[:, None] * lin).round().long().clamp(0, n)  # (k−1, W)
+        cand = torch.cat([cand, p[1:-1, None]], 1)  # the current split is always a candidate
+        s1, s2 = pre.at(cand.reshape(-1))
+        s1, s2 = s1.view(cand.shape), s2.view(cand.shape)
+        z = torch.zeros(1, device=xs.device, dtype=torch.long)
+        e1, e2 = pre.at(torch.tensor([0, n], device=xs.device))
+
+        def seg(pa, a1, a2, pb, b1, b2):  # SSE of runs [pa_i, pb_j): (|pa|, |pb|)
+            cnt = (pb[None, :] - pa[:, None]).double()
+            d = b1[None, :] - a1[:, None]
+            v = b2[None, :] - a2[:, None] - d * d / cnt.clamp(min=1)
+            return torch.where(cnt >= 0, v.clamp(min=0), math.inf)
+
+        D = seg(z, e1[:1], e2[:1], cand[0], s1[0], s2[0])[0]  # (W+1,) cost of the first cluster
+        back = []
+        for c in range(1, k - 1):
+            tot = D[:, None] + seg(cand[c - 1], s1[c - 1], s2[c - 1], cand[c], s1[c], s2[c])
+            D, arg = tot.min(0)
+            back.append(arg)
+        last = D + seg(cand[-1], s1[-1], s2[-1], torch.tensor([n], device=xs.device), e1[1:], e2[1:])[:, 0]
+        j = int(torch.argmin(last))
+        new_sse = float(last[j])
+        idx = [j]
+        for arg in reversed(back):
+            idx.append(int(arg[idx[-1]]))
+        idx.reverse()
+        q = torch.cat([z, cand[torch.arange(k - 1, device=xs.device), torch.tensor(idx, device=xs.device)],
+                       torch.tensor([n], device=xs.device)])
+        step = span * 2 / (width - 1)
+        if new_sse < sse:
+            p, sse = q, new_sse
+        if bool((step <= 0.5).all()):
+            break
+        span = torch.maximum(step, torch.ones_like(step))  # next band: ± one step of this one
+    return p, sse
+
+
+def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, bins: int | None = None,
+              max_iter: int = 300) -> Tensor:
+    """Codebook (k,) sorted, float64, minimizing Σᵢ minⱼ (xᵢ − cⱼ)² over a flat tensor x.
+
+    Cold: the exact DP over a summary of the sorted data (its distinct values when there are at
+    most `bins` of them — then the DP alone is the optimum — else `bins` runs of equal count;
+    default `summary_size(n, k)`), polished by Lloyd on the full data. Warm (`init`, the last
+    codebook (k,)): Lloyd on the full data from there. Runs on x's device.
+    """
+    xs = _sorted_flat(x)  # (n,)
+    n = xs.numel()
     if n <= k:
-        best = torch.cat([torch.arange(n + 1, device=xs.device), torch.full((k - n,), n, device=xs.device)])
-    elif init is None or init.numel() != k or n * max(k - 2, 0) <= exact_limit:
-        best = _dp_splits(s1, s2, k)
+        c = xs.double()
+        return torch.cat([c, c[-1:].expand(k - n)]) if n else xs.new_zeros(k, dtype=torch.float64)
+    pre = _Prefix(xs)
+    warm = init is not None and init.numel() == k
+    if warm:  # a C step of LC: the last codebook is a good start, Lloyd alone takes it from there
+        starts = [init.detach().reshape(-1).to(xs.device, torch.float64)]
     else:
-        q = ((torch.arange(k, device=xs.device, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
-        best, best_sse = None, math.inf
-        for c0 in (init.detach().double().to(xs.device), xs[q]):
-            p = _refine(s1, s2, _lloyd(xs, s1, c0, max_iter)[1])
-            e = _sse(xs, s1, s2, p)
-            if e < best_sse:
-                best, best_sse = p, e
-    cnt = best[1:] - best[:-1]
-    mean = (s1[best[1:]] - s1[best[:-1]]) / cnt.clamp(min=1)  # (k,) the means of the partition
-    return torch.where(cnt > 0, mean, xs[best[:-1].clamp(max=n - 1)])
+        exact, s0, s1, s2 = _summary(xs, pre, bins or summary_size(n, k))
+        q = s0.numel() - 1
+        if exact and q <= k:  # at most k distinct values: one cluster each
+            c = (s1[1:] - s1[:-1]) / (s0[1:] - s0[:-1])
+            return torch.cat([c, c[-1:].expand(k - q)])
+        sp = _dp_splits(s0, s1, s2, k)  # (k+1,) in summary points
+        a, b = sp[:-1], sp[1:]
+        starts = [(s1[b] - s1[a]) / (s0[b] - s0[a])]
+    best, best_sse = None, math.inf
+    for c0 in starts:
+        p, sse = _lloyd(xs, pre, c0, max_iter)
+        if sse < best_sse:
+            best, best_sse = p, sse
+    if not warm:
+        best, _ = _banded(xs, pre, best)
+    t1, _ = pre.at(best)
+    cnt = (best[1:] - best[:-1]).double()
+    mean = (t1[1:] - t1[:-1]) / cnt.clamp(min=1)  # (k,) the means of the partition
+    return torch.where(cnt > 0, mean, xs[best[:-1].clamp(max=n - 1)].double())
 
 
 def assign(w: Tensor, codebook: Tensor) -> Tensor:
-    """Index of the nearest entry of a sorted codebook, for each element of w (same shape)."""
+    """Index (int32) of the nearest entry of a sorted codebook, for each element of w (same shape)."""
     mid = (codebook[:-1] + codebook[1:]) / 2
-    return torch.bucketize(w, mid.to(w.dtype), right=True)
+    return torch.bucketize(w, mid.to(w.dtype), right=True, out_int32=True)
 
 
 class _Coded(Scheme):
@@ -197,27 +349,31 @@ class _Coded(Scheme):
 # ----------------------------------------------------------------------------- adaptive
 @dataclass(frozen=True)
 class Codebook(_Coded):
-    """Adaptive codebook: θ = argmin ‖w − C[z]‖² over a k-entry codebook C and codes z (1-D k-means,
-    exact up to n·(k − 2) ≤ exact_limit, else Lloyd + split refinement warm-started from `init`)."""
+    """Adaptive codebook: θ = argmin ‖w − C[z]‖² over a k-entry codebook C and codes z (1-D k-means
+    by `kmeans_1d`: exact DP over a summary of the sorted weights, polished by Lloyd, warm-started
+    from `init`). `bins` sets the summary size (0: automatic; exact when the weights have at
+    most that many distinct values). `exact_limit` is accepted, and ignored, for old manifests."""
 
     k: int
-    exact_limit: int = 2_000_000
+    bins: int = 0
+    exact_limit: InitVar[int | None] = None
     name = "codebook"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, exact_limit: int | None = None) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not (1 <= self.k <= 65536):
             raise ConfigError(f"k={self.k!r} must be an integer in [1, 65536]")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 0:
+            raise ConfigError(f"bins={self.bins!r} must be an integer ≥ 0 (0: automatic)")
 
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
         if w.numel() < self.k:
             raise ConfigError(f"codebook k={self.k} is more than the {w.numel()} weights it applies to")
         warm = init.get("codebook") if init else None
-        c = kmeans_1d(w, self.k, warm, exact_limit=self.exact_limit)
-        codes = assign(w.detach().double(), c).to(_codes_dtype(self.k))
-        return {"codebook": c.to(w.dtype), "codes": codes}
+        c = kmeans_1d(w, self.k, warm, bins=self.bins or None).to(w.dtype)
+        return {"codebook": c, "codes": assign(w.detach(), c).to(_codes_dtype(self.k))}
 
     def decompress(self, theta: Theta, shape) -> Tensor:
-        return theta["codebook"][theta["codes"].long()].reshape(shape)
+        return theta["codebook"][theta["codes"].int()].reshape(shape)
 
     def bits(self, theta: Theta, shape) -> int:
         return self.k * dtype_bits(theta["codebook"]) + numel(shape) * code_bits(self.k)
