@@ -59,7 +59,7 @@ class _Prefix:
         self.xs, self.n = xs, xs.numel()
         self.block = b = 1 if self.n <= 1 << 16 else _BLOCK
         s1, s2 = [], []
-        step = b * 4096
+        step = 1 << 16  # float64 copies of 65,536 values at a time
         for a in range(0, self.n, step):
             c = xs[a:a + step].double()
             pad = (-c.numel()) % b
@@ -322,10 +322,15 @@ def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, bins: int | None
     return torch.where(cnt > 0, mean, xs[best[:-1].clamp(max=n - 1)].double())
 
 
-def assign(w: Tensor, codebook: Tensor) -> Tensor:
-    """Index (int32) of the nearest entry of a sorted codebook, for each element of w (same shape)."""
-    mid = (codebook[:-1] + codebook[1:]) / 2
-    return torch.bucketize(w, mid.to(w.dtype), right=True, out_int32=True)
+def assign(w: Tensor, codebook: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:
+    """Index of the nearest entry of a sorted codebook, for each element of w (same shape), as
+    `dtype`; computed 2²⁰ elements at a time, so nothing wider than the result is held."""
+    mid = ((codebook[:-1] + codebook[1:]) / 2).to(w.dtype)
+    flat = w.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=dtype, device=w.device)
+    for a in range(0, flat.numel(), 1 << 20):
+        out[a:a + (1 << 20)] = torch.bucketize(flat[a:a + (1 << 20)], mid, right=True, out_int32=True)
+    return out.reshape(w.shape)
 
 
 class _Coded(Scheme):
@@ -370,7 +375,7 @@ class Codebook(_Coded):
             raise ConfigError(f"codebook k={self.k} is more than the {w.numel()} weights it applies to")
         warm = init.get("codebook") if init else None
         c = kmeans_1d(w, self.k, warm, bins=self.bins or None).to(w.dtype)
-        return {"codebook": c, "codes": assign(w.detach(), c).to(_codes_dtype(self.k))}
+        return {"codebook": c, "codes": assign(w.detach(), c, _codes_dtype(self.k))}
 
     def decompress(self, theta: Theta, shape) -> Tensor:
         return theta["codebook"][theta["codes"].int()].reshape(shape)
