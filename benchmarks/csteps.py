@@ -262,7 +262,7 @@ def companded_init(xs: torch.Tensor, k: int, bins: int = 4096) -> torch.Tensor:
     """k centroids at evenly spaced levels of ∫p^(1/3), the high-rate optimal spacing (Panter–Dite),
     with the density p estimated on `bins` equal-mass bins. Far better than quantiles at large k
     on heavy tails, where Lloyd from quantiles moves very slowly."""
-    edges = xs[torch.linspace(0, xs.numel() - 1, bins + 1, device=xs.device).long()]  # (bins+1,)
+    edges = xs[torch.linspace(0, xs.numel() - 1, bins + 1, dtype=torch.float64, device=xs.device).long()]  # (bins+1,)
     width = (edges[1:] - edges[:-1]).clamp(min=1e-30)
     mass = torch.cat([width.new_zeros(1), torch.cumsum((1 / bins / width) ** (1 / 3) * width, 0)])
     mass = mass / mass[-1]

@@ -58,7 +58,9 @@ class _Prefix:
     def __init__(self, xs: Tensor) -> None:
         self.xs, self.n = xs, xs.numel()
         self.block = b = 1 if self.n <= 1 << 16 else _BLOCK
-        s1, s2 = [], []
+        nb = -(-self.n // b)
+        s1 = torch.zeros(nb + 1, dtype=torch.float64, device=xs.device)  # filled in place: the
+        s2 = torch.zeros(nb + 1, dtype=torch.float64, device=xs.device)  # allocator keeps no debris
         step = 1 << 16  # float64 copies of 65,536 values at a time
         for a in range(0, self.n, step):
             c = xs[a:a + step].double()
@@ -66,10 +68,10 @@ class _Prefix:
             if pad:
                 c = torch.cat([c, c.new_zeros(pad)])
             c = c.view(-1, b)
-            s1.append(c.sum(1)), s2.append((c * c).sum(1))
-        z = xs.new_zeros(1, dtype=torch.float64)
-        self.S1 = torch.cat([z, torch.cumsum(torch.cat(s1), 0)]) if s1 else z  # (blocks + 1,)
-        self.S2 = torch.cat([z, torch.cumsum(torch.cat(s2), 0)]) if s2 else z
+            i = a // b + 1
+            s1[i:i + c.shape[0]] = c.sum(1)
+            s2[i:i + c.shape[0]] = (c * c).sum(1)
+        self.S1, self.S2 = torch.cumsum(s1, 0), torch.cumsum(s2, 0)  # (nb+1,)
         self.offs = torch.arange(b, device=xs.device)
 
     def at(self, p: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,10 +79,11 @@ class _Prefix:
         off = p - blk * self.block
         s1, s2 = self.S1[blk], self.S2[blk]
         inner = torch.nonzero(off).reshape(-1)  # positions inside a block add its first `off` values
-        if inner.numel():
-            idx = (blk[inner, None] * self.block + self.offs).clamp(max=self.n - 1)  # (q', block)
-            v = torch.where(self.offs < off[inner, None], self.xs[idx].double(), 0.0)
-            s1, s2 = s1.index_add(0, inner, v.sum(1)), s2.index_add(0, inner, (v * v).sum(1))
+        for a in range(0, inner.numel(), 1024):  # 1024 partial blocks at a time: 2 MB of float64
+            part = inner[a:a + 1024]
+            idx = (blk[part, None] * self.block + self.offs).clamp(max=self.n - 1)  # (≤1024, block)
+            v = torch.where(self.offs < off[part, None], self.xs[idx].double(), 0.0)
+            s1, s2 = s1.index_add(0, part, v.sum(1)), s2.index_add(0, part, (v * v).sum(1))
         return s1, s2
 
 
@@ -177,7 +180,7 @@ def _summary(xs: Tensor, pre: _Prefix, m: int) -> tuple[bool, Tensor, Tensor, Te
     summary as the dense middle does."""
     n = xs.numel()
     z = xs.new_zeros(1, dtype=torch.float64)
-    if int((xs[1:] != xs[:-1]).sum()) + 1 <= m:  # count first: the positions of n changes would be 2n × 4 bytes
+    if int(torch.count_nonzero(xs[1:] != xs[:-1])) + 1 <= m:  # count first: the positions of n changes are 2n × 4 bytes
         change = torch.nonzero(xs[1:] != xs[:-1]).reshape(-1) + 1
         pos = torch.cat([change.new_zeros(1), change, change.new_full((1,), n)])
         v, cnt = xs[pos[:-1]].double(), (pos[1:] - pos[:-1]).double()  # a run's sum is value × count
