@@ -35,12 +35,13 @@ def top_singular(g: Tensor, k: int, *, iters: int = 4, oversample: int | None = 
     the exact SVD of the small projection Qᵀg (Halko, Martinsson & Tropp 2011). `iters`
     iterations, then, with `tol`, more (up to `max_iters`) while the energy the k triplets
     capture, Σσ², still grows by more than tol × the energy left out (flat spectra converge
-    slowly). When the block would not be much smaller than g, the exact SVD instead. Runs on g's
-    device; same seed, same bytes.
+    slowly). When the block would not be much smaller than g, or g is small (min(m, n) ≤ 256,
+    where the exact SVD takes milliseconds), the exact SVD instead. Runs on g's device; same
+    seed, same bytes.
     """
     m, n = g.shape
     q = min(k + (oversample if oversample is not None else max(8, k // 2)), m, n)
-    if 4 * q > min(m, n):
+    if 4 * q > min(m, n) or min(m, n) <= 256:
         U, S, Vh = torch.linalg.svd(g, full_matrices=False)  # (m, r), (r,), (r, n)
         return U[:, :k], S[:k], Vh[:k]
     gen = torch.Generator(device=g.device).manual_seed(seed)
