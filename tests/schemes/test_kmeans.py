@@ -73,9 +73,9 @@ def test_within_1e_4_of_the_exact_optimum(name, k, bins):
 def test_larger_input_and_trained_weights(digits_ref):
     model, _ = digits_ref
     w = model.fc1.weight.detach().reshape(-1)[:3000]
-    for x, k in ((w, 16), (_data("heavy", 3000, 5), 32)):
+    for x, k in ((w, 16), (_data("heavy", 3000, 5), 32), (_data("bimodal", 2500, 64), 64)):
         exact = exact_sse(x.numpy(), k)
-        for bins in (None, 8 * k):
+        for bins in (None, 16 * k):
             assert sse_of(x, kmeans_1d(x, k, bins=bins)) <= exact * (1 + 1e-4) + 1e-12
 
 
