@@ -326,9 +326,10 @@ def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, bins: int | None
     """Codebook (k,) sorted, float64, minimizing Σᵢ minⱼ (xᵢ − cⱼ)² over a flat tensor x.
 
     Cold: the exact DP over a summary of the sorted data (its distinct values when there are at
-    most `bins` of them — then the DP alone is the optimum — else `bins` runs of equal count;
-    default `summary_size(n, k)`), polished by Lloyd on the full data. Warm (`init`, the last
-    codebook (k,)): Lloyd on the full data from there. Runs on x's device.
+    most `bins` of them — then the DP alone is the optimum — else runs of balanced squared error;
+    default `summary_size(n, k)`), then Lloyd and the banded DP (`_banded`) on the full data.
+    Warm (`init`, the last codebook (k,), k > 2): Lloyd and the banded DP from there, never worse
+    than Lloyd from it. Runs on x's device.
     """
     xs = _sorted_flat(x)  # (n,)
     n = xs.numel()
@@ -336,8 +337,8 @@ def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, bins: int | None
         c = xs.double()
         return torch.cat([c, c[-1:].expand(k - n)]) if n else xs.new_zeros(k, dtype=torch.float64)
     pre = _Prefix(xs)
-    warm = init is not None and init.numel() == k
-    if warm:  # a C step of LC: the last codebook is a good start, Lloyd alone takes it from there
+    warm = init is not None and init.numel() == k and k > 2  # k ≤ 2: the exact DP is as cheap as Lloyd
+    if warm:  # a C step of LC: the last codebook is a good start, Lloyd and the banded DP take it from there
         starts = [init.detach().reshape(-1).to(xs.device, torch.float64)]
     else:
         exact, s0, s1, s2 = _summary(xs, pre, bins or summary_size(n, k))
@@ -353,8 +354,7 @@ def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, bins: int | None
         p, sse = _lloyd(xs, pre, c0, max_iter)
         if sse < best_sse:
             best, best_sse = p, sse
-    if not warm:
-        best, _ = _banded(xs, pre, best)
+    best, _ = _banded(xs, pre, best)
     t1, _ = pre.at(best)
     cnt = (best[1:] - best[:-1]).double()
     mean = (t1[1:] - t1[:-1]) / cnt.clamp(min=1)  # (k,) the means of the partition
