@@ -30,8 +30,11 @@ def singular_values(w: Tensor) -> Tensor:
     """σ (min(m, n),) descending, float64: the square roots of the eigenvalues of the smaller Gram
     matrix W Wᵀ or Wᵀ W, formed in float64 (about twice as fast as svdvals; the small σ lose
     relative precision, which the rank choice, a sum of σ², does not feel)."""
-    a = w.double()
-    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    a = w if w.shape[0] <= w.shape[1] else w.T  # (m, n), m ≤ n
+    g = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=w.device)  # (m, m)
+    for j in range(0, a.shape[1], 1024):  # float64 copies of 1024 columns at a time
+        b = a[:, j:j + 1024].double()
+        g.addmm_(b, b.T)
     return torch.linalg.eigvalsh(g).clamp(min=0).sqrt().flip(0)
 
 
@@ -55,7 +58,7 @@ def top_singular(g: Tensor, k: int, *, iters: int = 4, oversample: int | None = 
         return U[:, :k], S[:k], Vh[:k]
     gen = torch.Generator(device=g.device).manual_seed(seed)
     Q = torch.linalg.qr(g @ torch.randn(n, q, generator=gen, device=g.device, dtype=g.dtype)).Q  # (m, q)
-    total = float(g.double().pow(2).sum()) if tol is not None else 0.0
+    total = float(torch.linalg.vector_norm(g)) ** 2 if tol is not None else 0.0
     captured = -1.0
     for it in range(max_iters if tol is not None else iters):
         Q = torch.linalg.qr(g @ torch.linalg.qr(g.T @ Q).Q).Q
