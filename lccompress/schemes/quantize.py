@@ -26,14 +26,14 @@ def _codes_dtype(k: int) -> torch.dtype:
 # ----------------------------------------------------------------------------- 1-D k-means
 # In 1-D the clusters of an optimal k-means are contiguous runs of the sorted data, so everything
 # works on the sorted values xs: a cluster is a run xs[a:b], its mean and SSE come from prefix
-# sums. The C step is
+# sums (`_Prefix`: exact, from float64 block sums). The C step is
 #   1. sort (numpy's SIMD sort on the CPU, values only; torch.sort on a device);
-#   2. summarize xs as m points: its distinct values (then the summary is exact) or m runs of
-#      equal count, each with its count, sum and sum of squares;
-#   3. the exact DP over the m summary points (optimal when they are the distinct values);
-#   4. Lloyd on the full data from that partition (and from the warm start, if any), each
-#      iteration O(k log n) by binary search of the midpoints, until the partition is stable;
-#      the candidate of least SSE wins.
+#   2. summarize xs as m points (`summary_size`): its distinct values (then the summary is exact)
+#      or runs of balanced squared error, each with its count, sum and sum of squares;
+#   3. the exact DP over the m summary points (`_dp_splits`; optimal when they are the distinct
+#      values) — or, warm, the last codebook;
+#   4. Lloyd on the full data, O(k log n) per iteration by binary search of the midpoints;
+#   5. the banded DP (`_banded`): all splits move jointly, coarse to fine, within bands.
 # Extra memory: the sorted copy, plus O(n / 256) block sums; nothing else of size n.
 
 _BLOCK = 256  # elements per block of the exact prefix sums
