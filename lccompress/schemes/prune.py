@@ -123,45 +123,43 @@ def project_l1_ball(w: Tensor, radius: float) -> Tensor:
     return torch.sign(w) * torch.clamp(w.abs() - tau.to(w.dtype), min=0)
 
 
-def _alpha_ok(alpha: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
-        raise ConfigError(f"alpha={alpha!r} must be a positive number")
+@dataclass(frozen=True)
+class _Penalty(_Sparse):
+    """θ = argmin α·penalty(θ) + μ/2‖w − θ‖², separable: a threshold of w at a level set by α/μ."""
 
+    alpha: float
+    needs_mu = True
 
-def _mu_ok(mu: float | None, name: str) -> float:
-    if mu is None or not mu > 0:
-        raise ConfigError(f"the {name} C step needs μ > 0, got mu={mu!r}")
-    return float(mu)
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 or not math.isfinite(a):
+            raise ConfigError(f"alpha={a!r} must be a positive number")
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        if mu is None or not mu > 0:
+            raise ConfigError(f"the {self.name} C step needs μ > 0, got mu={mu!r}")
+        p = self.threshold(w, float(mu))
+        return _sparse_theta(p, p != 0)
+
+    def threshold(self, w: Tensor, mu: float) -> Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class L0Penalty(_Sparse):
+class L0Penalty(_Penalty):
     """ℓ0 penalty: θ = argmin α‖θ‖₀ + μ/2‖w − θ‖², a hard threshold at √(2α/μ)."""
 
-    alpha: float
     name = "l0_penalty"
-    needs_mu = True
 
-    def __post_init__(self) -> None:
-        _alpha_ok(self.alpha)
-
-    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
-        t = math.sqrt(2 * self.alpha / _mu_ok(mu, self.name))
-        return _sparse_theta(w, w.abs() > t)
+    def threshold(self, w: Tensor, mu: float) -> Tensor:
+        return torch.where(w.abs() > math.sqrt(2 * self.alpha / mu), w, 0.0)
 
 
 @dataclass(frozen=True)
-class L1Penalty(_Sparse):
+class L1Penalty(_Penalty):
     """ℓ1 penalty: θ = argmin α‖θ‖₁ + μ/2‖w − θ‖², a soft threshold at α/μ."""
 
-    alpha: float
     name = "l1_penalty"
-    needs_mu = True
 
-    def __post_init__(self) -> None:
-        _alpha_ok(self.alpha)
-
-    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
-        t = self.alpha / _mu_ok(mu, self.name)
-        p = torch.sign(w) * torch.clamp(w.abs() - t, min=0)
-        return _sparse_theta(p, p != 0)
+    def threshold(self, w: Tensor, mu: float) -> Tensor:
+        return torch.sign(w) * torch.clamp(w.abs() - self.alpha / mu, min=0)
