@@ -116,3 +116,9 @@ def test_fewer_distinct_values_than_k():
     x = torch.tensor([1.0, 1.0, 2.0, 5.0, 5.0, 5.0])
     c = kmeans_1d(x, 4)
     assert sse_of(x, c) == 0.0 and c.numel() == 4
+
+
+def test_manifests_of_older_versions_still_name_a_codebook():
+    """Older files record `exact_limit`; it is accepted and dropped."""
+    s = lcc.scheme_from_dict({"scheme": "codebook", "k": 4, "exact_limit": 2_000_000})
+    assert s == lcc.Codebook(k=4) and s.to_dict() == {"scheme": "codebook", "k": 4, "bins": 0}

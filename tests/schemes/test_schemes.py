@@ -16,7 +16,7 @@ EXAMPLES = {
     "l1_ball": lcc.L1Ball(radius=3.0),
     "l0_penalty": lcc.L0Penalty(alpha=0.2),
     "l1_penalty": lcc.L1Penalty(alpha=0.2),
-    "codebook": lcc.Codebook(k=4, exact_limit=0),
+    "codebook": lcc.Codebook(k=4, bins=16),
     "fixed_codebook": lcc.FixedCodebook((-0.5, 0.0, 0.5)),
     "binarize": lcc.Binarize(),
     "scaled_binarize": lcc.ScaledBinarize(),
@@ -287,17 +287,3 @@ def test_recipe_errors_are_named():
     r = lcc.Recipe((lcc.Rule(("0.weight",), lcc.Prune(keep=0.5)), lcc.Rule(("1.*",), lcc.Codebook(k=2), True)))
     assert lcc.Recipe.from_dict(r.to_dict()) == r
 
-
-@pytest.mark.parametrize("k", [3, 6])
-def test_codebook_warm_started_heuristic_is_within_0_1_percent(k):
-    """Warm-started C steps on large tensors use Lloyd + split refinement. On the next C step's
-    input (the weights moved a little) it stays within 0.1 % of the exact DP path, which itself
-    matches the brute-force DP above."""
-    for seed in range(2):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.cat([torch.randn(15000, generator=g), torch.randn(5000, generator=g) * 0.2 + 2]).double()
-        cold = lcc.Codebook(k=k).compress(x)
-        y = x + 0.05 * torch.randn(20000, generator=g, dtype=torch.float64)
-        err = lambda s, th: float(((y - s.decompress(th, y.shape)) ** 2).sum())  # noqa: E731
-        heuristic, exact = lcc.Codebook(k=k, exact_limit=0), lcc.Codebook(k=k)
-        assert err(heuristic, heuristic.compress(y, cold)) <= err(exact, exact.compress(y, cold)) * 1.001
