@@ -121,7 +121,10 @@ class RankSelection(_LowRankBase):
     """Rank chosen per C step: r = argmin α·cost(r) + μ/2·Σ_{i>r} σᵢ², then truncated SVD.
 
     cost(r) counts the factors' weights, r·(m + n) ("storage"), or their multiply-adds per
-    output position times `positions` (the output's spatial size for a conv, "flops").
+    output position times `positions` (the output's spatial size for a conv, "flops"). cost is
+    linear in r and σ decreasing, so the objective's steps α·cost(1) − μ/2·σᵣ² increase and
+    r = #{i : σᵢ² > 2α·cost(1)/μ}: the leading triplets are computed 16, 32, 64, … at a time
+    until one falls below that threshold; only a rank near min(m, n) needs every σ.
     """
 
     alpha: float
@@ -150,7 +153,19 @@ class RankSelection(_LowRankBase):
         if mu is None or not mu > 0:
             raise ConfigError(f"the rank_selection C step needs μ > 0, got mu={mu!r}")
         w2 = as_matrix(w.detach(), "low rank")
-        r = self.rank_for(singular_values(w2), *w2.shape, float(mu))  # the rank needs σ only
-        if r == 0:
-            return {"U": w2.new_zeros(w2.shape[0], 0), "V": w2.new_zeros(0, w2.shape[1])}
-        return _factors(r, *top_singular(w2, r))
+        (m, n), q = w2.shape, min(w2.shape)
+        per_rank = (m + n) * (self.positions if self.cost == "flops" else 1)
+        threshold = 2 * self.alpha * per_rank / float(mu)  # σᵣ² above it: rank r pays for itself
+        k = 16
+        while 4 * (k + k // 2) <= q and q > 1024:  # randomized while the block is small next to W
+            U, S, Vh = top_singular(w2, k)
+            if float(S[-1].double() ** 2) <= threshold:
+                r = int((S.double() ** 2 > threshold).sum())
+                return _factors(r, U, S, Vh) if r else self._empty(w2)
+            k *= 2
+        r = self.rank_for(singular_values(w2), m, n, float(mu))  # every σ: eigenvalues of the Gram matrix
+        return _factors(r, *top_singular(w2, r)) if r else self._empty(w2)
+
+    @staticmethod
+    def _empty(w2: Tensor) -> Theta:
+        return {"U": w2.new_zeros(w2.shape[0], 0), "V": w2.new_zeros(0, w2.shape[1])}

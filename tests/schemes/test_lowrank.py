@@ -53,3 +53,15 @@ def test_rank_selection_minimizes_its_objective_over_every_rank():
         assert objective[r] == pytest.approx(min(objective), rel=1e-9)
         err = float((w.double() - (th["U"] @ th["V"]).double()).pow(2).sum())
         assert err <= float(s[r:].pow(2).sum()) * (1 + 2e-3) + 1e-9 * float(s.pow(2).sum())
+
+
+def test_rank_selection_by_threshold_on_a_large_matrix():
+    """Above 1024 the rank comes from the leading triplets alone while it is small; the same rank
+    as the objective's argmin over the full spectrum either way."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(1040, 20, generator=g) @ torch.randn(20, 1100, generator=g) + 0.05 * torch.randn(1040, 1100, generator=g)
+    s = torch.linalg.svdvals(w.double())
+    for alpha in (3e-3, 1e-4):  # rank 20 by the randomized search; a high rank by every σ
+        th = lcc.RankSelection(alpha=alpha).compress(w, mu=1.0)
+        objective = [alpha * r * (1040 + 1100) + 0.5 * float(s[r:].pow(2).sum()) for r in range(len(s) + 1)]
+        assert th["U"].shape[1] == objective.index(min(objective))
