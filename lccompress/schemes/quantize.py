@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import InitVar, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -95,6 +95,17 @@ def _seg(s0: Tensor, s1: Tensor, s2: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return s2[b] - s2[a] - d * d / m
 
 
+def _backtrack(args: list[Tensor], p: list[int], device: torch.device,
+               start: Callable[[int, int], int] = lambda a, j: a) -> Tensor:
+    """Split points (k+1,) from the DP's argmins per layer, read on the host in one transfer: p
+    holds the last splits found ([m, …]); start(arg, j) is where the cluster ending at j begins."""
+    A = torch.stack(args).cpu() if args else None
+    for c in range(len(args) - 1, -1, -1):
+        p.append(start(int(A[c, p[-1]]), p[-1]))
+    p.append(0)
+    return torch.tensor(p[::-1], device=device)
+
+
 def _dp_dense(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
     """Exact k-segmentation of m summary points, each DP layer one (m+1) × (m+1) min."""
     m = s0.numel() - 1
@@ -105,11 +116,7 @@ def _dp_dense(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
     for _ in range(2, k):
         D, A = (D[:, None] + cost).min(0)
         args.append(A)
-    p = [m, int(torch.argmin(D + cost[:, m]))] if k > 1 else [m]
-    for A in reversed(args):
-        p.append(int(A[p[-1]]))
-    p.append(0)
-    return torch.tensor(p[::-1], device=s0.device)
+    return _backtrack(args, [m, int(torch.argmin(D + cost[:, m]))] if k > 1 else [m], s0.device)
 
 
 def _dp_short(s0: Tensor, s1: Tensor, s2: Tensor, k: int, B: int) -> Tensor | None:
@@ -130,12 +137,8 @@ def _dp_short(s0: Tensor, s1: Tensor, s2: Tensor, k: int, B: int) -> Tensor | No
         args.append(a)
     if not math.isfinite(float(D[m])):
         return None
-    p, cur = [m], m
-    for a in reversed(args):
-        cur = int(i[cur, a[cur]])
-        p.append(cur)
-    p.append(0)
-    p = torch.tensor(p[::-1], device=s0.device)
+    # the last cluster [i, m) with i = m − 1 − arg; layers 2 … k−1 the same, layer 1 starts at 0
+    p = _backtrack(args[:-1], [m, m - 1 - int(args[-1][m])], s0.device, lambda a, j: j - 1 - a)
     return None if bool(((p[1:] - p[:-1]) >= B).any()) else p
 
 
@@ -179,11 +182,8 @@ def _dp_splits(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
         D = Dn
         args.append(A)
     i = ar(n - k + 1) + k - 1  # last layer at j = n only
-    p = [n, int(i[torch.argmin(D[i] + _seg(s0, s1, s2, i, torch.full_like(i, n)))])] if k > 1 else [n]
-    for A in reversed(args):
-        p.append(int(A[p[-1]]))
-    p.append(0)
-    return torch.tensor(p[::-1], device=dev)
+    last = int(i[torch.argmin(D[i] + _seg(s0, s1, s2, i, torch.full_like(i, n)))])
+    return _backtrack(args, [n, last] if k > 1 else [n], dev)
 
 
 def _dp_work(m: int, k: int) -> float:
@@ -277,41 +277,36 @@ def _banded(xs: Tensor, pre: _Prefix, p: Tensor, width: int = 64, rounds: int = 
     the SSE never grows; Lloyd's local minima, where a split would have to move together with
     its neighbours, are left behind. Returns the split points and their SSE."""
     n, k = xs.numel(), p.numel() - 1
-    p = p.clone()
+    if k < 2:
+        return p, math.inf
+    dev = xs.device
     span = torch.maximum(p[2:] - p[1:-1], p[1:-1] - p[:-2]).double() / 2  # (k−1,)
-    lin = torch.linspace(-1, 1, width, dtype=torch.float64, device=xs.device)
+    lin = torch.linspace(-1, 1, width, dtype=torch.float64, device=dev)
+    z, end = torch.zeros(1, device=dev, dtype=torch.long), torch.tensor([n], device=dev)
+    e1, e2 = pre.at(torch.tensor([0, n], device=dev))
+
+    def seg(pa, a1, a2, pb, b1, b2):  # SSE of runs [pa_i, pb_j): (|pa|, |pb|)
+        cnt = (pb[None, :] - pa[:, None]).double()
+        d = b1[None, :] - a1[:, None]
+        v = b2[None, :] - a2[:, None] - d * d / cnt.clamp(min=1)
+        return torch.where(cnt >= 0, v.clamp(min=0), math.inf)
+
     sse = math.inf
     for _ in range(rounds):
-        if k < 2:
-            break
         cand = (p[1:-1, None].double() + span[:, None] * lin).round().long().clamp(0, n)  # (k−1, W)
         cand = torch.cat([cand, p[1:-1, None]], 1)  # the current split is always a candidate
         s1, s2 = pre.at(cand.reshape(-1))
         s1, s2 = s1.view(cand.shape), s2.view(cand.shape)
-        z = torch.zeros(1, device=xs.device, dtype=torch.long)
-        e1, e2 = pre.at(torch.tensor([0, n], device=xs.device))
-
-        def seg(pa, a1, a2, pb, b1, b2):  # SSE of runs [pa_i, pb_j): (|pa|, |pb|)
-            cnt = (pb[None, :] - pa[:, None]).double()
-            d = b1[None, :] - a1[:, None]
-            v = b2[None, :] - a2[:, None] - d * d / cnt.clamp(min=1)
-            return torch.where(cnt >= 0, v.clamp(min=0), math.inf)
-
         D = seg(z, e1[:1], e2[:1], cand[0], s1[0], s2[0])[0]  # (W+1,) cost of the first cluster
         back = []
         for c in range(1, k - 1):
-            tot = D[:, None] + seg(cand[c - 1], s1[c - 1], s2[c - 1], cand[c], s1[c], s2[c])
-            D, arg = tot.min(0)
+            D, arg = (D[:, None] + seg(cand[c - 1], s1[c - 1], s2[c - 1], cand[c], s1[c], s2[c])).min(0)
             back.append(arg)
-        last = D + seg(cand[-1], s1[-1], s2[-1], torch.tensor([n], device=xs.device), e1[1:], e2[1:])[:, 0]
+        last = D + seg(cand[-1], s1[-1], s2[-1], end, e1[1:], e2[1:])[:, 0]
         j = int(torch.argmin(last))
         new_sse = float(last[j])
-        idx = [j]
-        for arg in reversed(back):
-            idx.append(int(arg[idx[-1]]))
-        idx.reverse()
-        q = torch.cat([z, cand[torch.arange(k - 1, device=xs.device), torch.tensor(idx, device=xs.device)],
-                       torch.tensor([n], device=xs.device)])
+        idx = _backtrack(back, [j], dev)[1:]  # the candidate chosen for each inner split
+        q = torch.cat([z, cand[torch.arange(k - 1, device=dev), idx], end])
         step = span * 2 / (width - 1)
         if new_sse < sse:
             p, sse = q, new_sse
