@@ -30,7 +30,8 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 import lccompress as lcc
 from lccompress.artifact import disk_bytes, export_onnx, save, size_report, verify_onnx
-from lccompress.train import Guard, cross_entropy, train_epochs
+from lccompress.modelio import cross_entropy
+from lccompress.train import Guard, train_epochs
 
 DATA = "/usr/share/datasets/fashion-mnist"
 LAYERS = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]

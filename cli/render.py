@@ -62,9 +62,12 @@ def print_report(r: Mapping[str, Any], console: Console) -> None:
     console.print(t)
     m = r["metric"]
     if m.get("reference") is not None:
-        onnx = f", ONNX (onnxruntime) {100 * m['onnx']:.2f} %" if m.get("onnx") is not None else ""
-        console.print(f"{m['name']}: reference {100 * m['reference']:.2f} %, compressed "
-                      f"{100 * m['compressed']:.2f} %{onnx}; drop {100 * m['drop']:.2f} points", highlight=False)
+        u = m.get("unit", "%")
+        onnx = f", ONNX (onnxruntime) {rep.metric_text(m['onnx'], u)}" if m.get("onnx") is not None else ""
+        lower = "" if m.get("higher_is_better", True) else " (lower is better)"
+        console.print(f"{m['name']}{lower}: reference {rep.metric_text(m['reference'], u)}, compressed "
+                      f"{rep.metric_text(m['compressed'], u)}{onnx}; worse by {rep.drop_text(m['drop'], u)}",
+                      highlight=False)
     tm = r["timings"]
     console.print(f"method {r['method']}; time {tm.get('total', 0):.1f} s (L steps {tm.get('lstep', 0):.1f} s, "
                   f"C steps {tm.get('cstep', 0):.2f} s)", highlight=False)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import report as rep
@@ -34,8 +33,9 @@ from .lc import LCConfig, Result, StepRecord
 from .methods import compress
 from .recipe import Recipe, Rule
 from .schemes import LowRank, Prune
-from .train import (Teacher, accuracy, batch_inputs, cross_entropy, distill_loss, evaluate, first_batch,
-                    recalibrate_bn_, resolve_device, split_batch)
+from .modelio import (METRICS, Inputs, Loss, Metric, accepts_labels, as_inputs, as_loss, as_metric, default_metric,
+                      kl_distill, split_batch)
+from .train import Teacher, evaluate, first_batch, recalibrate_bn_, resolve_device
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -115,19 +115,24 @@ def load_data(spec: str) -> dict[str, Any]:
     return data
 
 
-def onnx_eval(path: str | os.PathLike, loader: Iterable, metric: Callable) -> tuple[float, Tensor]:
-    """Metric of an ONNX file over a loader, run in onnxruntime on the CPU."""
+def onnx_eval(path: str | os.PathLike, loader: Iterable, metric: Metric) -> float | None:
+    """Metric of an ONNX file over a loader, run in onnxruntime on the CPU (None for a metric that
+    needs the model's own loss, which the graph does not compute)."""
     import onnxruntime as ort
 
+    from .artifact.onnx_export import feeds
+
+    if metric.own:
+        return None
     sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    outs, ys = [], []
-    for b in loader:
-        x, y = split_batch(b, torch.device("cpu"))
-        outs.append(torch.from_numpy(sess.run(None, {name: x.detach().cpu().numpy()})[0]))
-        ys.append(y)
-    out, y = torch.cat(outs), torch.cat(ys)
-    return float(metric(out, y)), out
+    names = [i.name for i in sess.get_inputs()]
+
+    def pairs() -> Iterable[tuple[Any, Any]]:
+        for b in loader:
+            x, y = split_batch(b, torch.device("cpu"))
+            yield torch.from_numpy(sess.run(None, feeds(names, x))[0]), y
+
+    return float(metric.compute(pairs()))
 
 
 def check_output_path(out: Path) -> None:
@@ -151,13 +156,88 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _example(input_shape: str | None, data: Mapping[str, Any] | None, what: str) -> Any:
-    """The example input of an ONNX export: random of --input-shape (seed 0), else the first batch."""
-    if input_shape:
-        return torch.randn(parse_shape(input_shape), generator=torch.Generator().manual_seed(0))
-    if data:
-        return batch_inputs(first_batch(data.get("eval", data["train"]), "eval"))
-    raise ConfigError(f"{what} needs an example input: give --input-shape (e.g. 1,64) or --data")
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "float64": torch.float64, "int64": torch.int64, "long": torch.int64,
+           "int32": torch.int32, "int": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+           "bool": torch.bool}
+
+
+def parse_input(text: str) -> tuple[str, Tensor, dict[int, str]]:
+    """`NAME:SHAPE[:DTYPE]` → (name, example tensor, dynamic axes). SHAPE is comma-separated sizes,
+    each `N` or `AXIS=N` (a dynamic axis named AXIS, example size N); DTYPE defaults to float32.
+    Floats are N(0, 1), integers 0 or 1 (valid token ids), booleans True; seeded."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isidentifier():
+        raise ConfigError(f"--input {text!r} must be NAME:SHAPE[:DTYPE], e.g. input_ids:batch=2,seq=16:int64")
+    name, shape_text, dtype_text = parts[0], parts[1], parts[2] if len(parts) == 3 else "float32"
+    dtype = _DTYPES.get(dtype_text.lower())
+    if dtype is None:
+        raise ConfigError(f"--input {text!r}: dtype {dtype_text!r} is not one of {', '.join(_DTYPES)}")
+    shape, axes = [], {}
+    for i, d in enumerate(shape_text.split(",")):
+        axis, _, size = d.rpartition("=")
+        if not size.isdigit() or int(size) < 1 or (axis and not axis.isidentifier()):
+            raise ConfigError(f"--input {text!r}: dimension {d!r} must be a positive size N or AXIS=N")
+        shape.append(int(size))
+        if axis:
+            axes[i] = axis
+    g = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        t = torch.randn(shape, generator=g).to(dtype)
+    elif dtype == torch.bool:
+        t = torch.ones(shape, dtype=torch.bool)
+    else:
+        t = torch.randint(0, 2, shape, generator=g).to(dtype)
+    return name, t, axes
+
+
+def load_example(spec: str) -> Inputs:
+    """`--example FILE.py:FUNC`: the function returns a model's arguments: a tensor, a tuple of
+    positional arguments, a dict of keyword arguments, or (args tuple, kwargs dict)."""
+    fn = load_callable(spec, "--example")
+    try:
+        got = fn()
+    except Exception as e:  # noqa: BLE001 - user code
+        raise ConfigError(f"--example {spec!r} raised {type(e).__name__}: {e}") from None
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], (tuple, list)) and isinstance(got[1], Mapping):
+        x = Inputs(tuple(got[0]), dict(got[1]))
+    elif isinstance(got, (Tensor, tuple, list, Mapping)):
+        x = as_inputs(got)
+    else:
+        raise ConfigError(f"--example {spec!r} returned {type(got).__name__}; expected a tensor, a tuple, a dict "
+                          "or (args, kwargs)")
+    if not x.tensors():
+        raise ConfigError(f"--example {spec!r}: the arguments hold no tensor")
+    return x
+
+
+@dataclass
+class ExampleSpec:
+    """Where an ONNX export's example input comes from, first match wins: `inputs` (--input
+    NAME:SHAPE:DTYPE, repeatable), `example` (--example FILE.py:FUNC), `input_shape` (one float
+    tensor, e.g. "1,64"), else the first batch of the data (eval, else train)."""
+
+    input_shape: str | None = None
+    inputs: tuple[str, ...] = ()
+    example: str | None = None
+
+    def resolve(self, data: Mapping[str, Any] | None, what: str) -> tuple[Inputs, dict[str, dict[int, str]] | None]:
+        """(example inputs, dynamic axes or None for the defaults)."""
+        if self.inputs:
+            parsed = [parse_input(t) for t in self.inputs]
+            names = [n for n, _, _ in parsed]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"--input names must differ; got {', '.join(names)}")
+            axes = {n: (a or {0: "batch"}) for n, _, a in parsed}
+            return Inputs((), {n: t for n, t, _ in parsed}), axes
+        if self.example:
+            return load_example(self.example), None
+        if self.input_shape:
+            return Inputs((torch.randn(parse_shape(self.input_shape), generator=torch.Generator().manual_seed(0)),)), None
+        if data:
+            return split_batch(first_batch(data.get("eval", data["train"]), "eval"))[0], None
+        raise ConfigError(f"{what} needs an example input: give --data, --input NAME:SHAPE:DTYPE, "
+                          "--example FILE.py:FUNC or --input-shape")
 
 
 # ----------------------------------------------------------------------------- compress
@@ -172,8 +252,12 @@ class CompressJob:
     report_path: str | None = None
     model_spec: str | None = None
     data_spec: str | None = None
-    loss: str = "ce"
-    metric: str = "accuracy"
+    loss: str = "auto"
+    metric: str = "auto"
+    output: str | None = None
+    inputs: tuple[str, ...] = ()
+    example: str | None = None
+    dtype: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     method: str | None = None
@@ -239,22 +323,14 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     recipe.groups(subject)  # resolve now: a bad glob fails before any training
     device = resolve_device(job.device)
 
-    loss_fn: Callable = cross_entropy
-    metric_fn: Callable = accuracy if job.metric == "accuracy" else load_callable(job.metric, "--metric")
+    loss_fn: Loss = as_loss("ce", job.output)
+    metric: Metric = as_metric("accuracy" if job.metric == "auto" else job.metric, loss_fn, job.output)
     if data:
-        reference = model.to(device).eval()
-        if job.loss == "distill":
-            first = first_batch(data["train"], "train")
-            labelled = not isinstance(first, Tensor)
-            data = {"train": Teacher(data["train"], reference, device),
-                    **({"eval": data["eval"] if labelled else Teacher(data["eval"], reference, device, argmax=True)}
-                       if "eval" in data else {})}
-            loss_fn = distill_loss()
-        elif job.loss == "mse":
-            loss_fn = F.mse_loss
-        elif job.loss != "ce":
-            loss_fn = load_callable(job.loss, "--loss")
-        _check_batches(reference, data, device, loss_fn)
+        model.to(device).eval()
+        data, loss_fn, metric = make_task(model, data, job.loss, job.metric, job.output, device)
+    example = ExampleSpec(job.input_shape, job.inputs, job.example)
+    if out.suffix == ".onnx":
+        example.resolve(data, "ONNX export")  # a missing or bad example fails before any training
 
     cfg = LCConfig(steps=job.steps, epochs=job.epochs, first_epochs=job.first_epochs, lr=job.lr, mu0=job.mu0,
                    mu_growth=job.mu_growth, penalty=job.penalty)
@@ -263,12 +339,12 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     cb.start(f"{method.upper()} {recipe.rules[0].scheme.name}", job.steps)
     try:
         result = compress(subject, recipe, data or None, method=method, config=cfg, loss=loss_fn,
-                          metric=metric_fn, device=device, seed=job.seed, callback=cb.step,
+                          metric=metric, device=device, seed=job.seed, callback=cb.step,
                           on_epoch=cb.epoch,
                           state_dir=state_dir if trains else None, resume=job.resume)
     finally:
         cb.end()
-    report = _write_outputs(job, ck, model, result, recipe, data, device, out, metric_fn)
+    report = _write_outputs(job, ck, model, result, recipe, data, device, out, metric, example)
     if trains and state_dir.exists():
         shutil.rmtree(state_dir, ignore_errors=True)
     report["timings"]["total"] = time.perf_counter() - t_start
@@ -277,46 +353,97 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     return CompressOutcome(report, out, result)
 
 
-def _check_batches(model: nn.Module, data: Mapping[str, Any], device: torch.device, loss_fn: Callable) -> None:
-    """One batch of each loader through the model and the loss, so a bad loader fails in one clear line."""
+def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", metric: str = "auto",
+              output: str | None = None, device: torch.device = torch.device("cpu")
+              ) -> tuple[dict[str, Any], Loss, Metric]:
+    """The data (wrapped for distillation), loss and metric of a job, from the options:
+
+    loss    auto (the model's own loss when the batches are dicts with "labels" and its forward
+            takes labels, else ce) | ce | mse | model | distill | FILE.py:FUNC
+    metric  auto (`modelio.default_metric` on an eval batch) | accuracy | perplexity | loss | cosine
+            | mse | FILE.py:FUNC
+
+    One batch of each loader goes through the model, the loss and the metric, so that data, a
+    loss or a metric that do not fit fail here in one line, before any training."""
+    data = dict(data)
+    first = first_batch(data["train"], "train")
+    x0, y0 = split_batch(first)
+    if loss == "auto":
+        loss = "model" if x0.label_key == "labels" and accepts_labels(model) else "ce"
+    if loss == "distill":
+        labelled = y0 is not None
+        data = {"train": Teacher(data["train"], model, device, output=output),
+                **({"eval": data["eval"] if labelled else Teacher(data["eval"], model, device, argmax=True,
+                                                                   output=output)} if "eval" in data else {})}
+        loss_fn = Loss(kl_distill(), "distill", output)
+    elif loss in ("ce", "mse", "model"):
+        loss_fn = as_loss(loss, output)
+    else:
+        loss_fn = as_loss(load_callable(loss, "--loss"), output)
     for split in data:
         b = first_batch(data[split], split)
         try:
             x, y = split_batch(b, device)
             with torch.no_grad():
-                loss_fn(model(x), y) if split == "train" else model(x)
-        except LCError:
-            raise
+                if split == "train":
+                    if y is None and not loss_fn.own:
+                        raise ConfigError(f"the train batches have no targets; --loss {loss_fn.name} needs them "
+                                          "(or use --loss distill)")
+                    loss_fn.on(model, x, y)
+                else:
+                    out = x(model, y if loss_fn.own else None)
+        except LCError as e:
+            raise ConfigError(f"--data: {e}") from None
         except Exception as e:  # noqa: BLE001 - shapes, dtypes, anything user data can get wrong
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"--data: a {split} batch does not fit the model or the loss: {msg}") from None
+    probe = "eval" if "eval" in data else "train"
+    x, y = split_batch(first_batch(data[probe], probe), device)
+    with torch.no_grad():
+        out = x(model, y if loss_fn.own else None)
+    if metric == "auto":
+        m = default_metric(loss_fn, out, y, x)
+    elif metric in METRICS:
+        m = as_metric(metric, loss_fn, output)
+    else:
+        m = as_metric(load_callable(metric, "--metric"), loss_fn, output)
+    if "eval" in data:
+        try:
+            with torch.no_grad():
+                m.compute([(out, y)])
+        except LCError as e:
+            raise ConfigError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a user metric
+            raise ConfigError(f"--metric {m.name} does not apply to these outputs: {type(e).__name__}: {e}") from None
+    return data, loss_fn, m
 
 
 def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, data, device, out: Path,
-                   metric_fn: Callable) -> dict[str, Any]:
+                   metric_fn: Metric, example: ExampleSpec) -> dict[str, Any]:
     from .artifact import disk_bytes, export_onnx, save, size_report, verify_onnx
 
-    onnx_metric, onnx_diff, onnx_out = None, None, None
+    onnx_metric, onnx_diff = None, None
     if out.suffix == ".onnx":
-        example = _example(job.input_shape, data, "ONNX export").cpu()
-        export_onnx(result.model.cpu(), result.thetas, result.groups, example, out)
-        onnx_diff = verify_onnx(out, result.model, example)["max_rel"]
+        x, axes = example.resolve(data, "ONNX export")
+        export_onnx(result.model.cpu(), result.thetas, result.groups, x, out, dynamic_axes=axes, output=job.output)
+        onnx_diff = verify_onnx(out, result.model, x, output=job.output)["max_rel"]
         if "eval" in data:
-            onnx_metric, onnx_out = onnx_eval(out, _cpu(data["eval"]), metric_fn)
+            onnx_metric = onnx_eval(out, data["eval"], metric_fn)
     else:
         save(out, result.model, result.thetas, result.groups, recipe=recipe)
     size = size_report(out)
     ref_bytes = sum(t.numel() * t.element_size() for t in ck.state_dict.values())
     art_bytes = disk_bytes(out)
-    metric = {"name": "accuracy" if job.metric == "accuracy" else job.metric, "reference": None,
-              "compressed": result.metric, "onnx": onnx_metric, "drop": None}
+    metric = {**metric_fn.describe(), "reference": None, "compressed": result.metric, "onnx": onnx_metric,
+              "drop": None}
     classes: list[dict[str, Any]] = []
     if "eval" in data:
-        ref_val, ref_out, y = evaluate(model.to(device).eval(), data["eval"], device, metric_fn)
-        _, new_out, _ = evaluate(result.model.to(device).eval(), data["eval"], device, metric_fn)
+        ref_val, ref_cls, y = evaluate(model.to(device).eval(), data["eval"], device, metric_fn)
+        _, new_cls, _ = evaluate(result.model.to(device).eval(), data["eval"], device, metric_fn)
         metric["reference"] = ref_val
-        metric["drop"] = ref_val - (onnx_metric if onnx_metric is not None else result.metric)
-        classes = rep.per_class(ref_out, onnx_out if onnx_out is not None else new_out, y)
+        metric["drop"] = metric_fn.worse_by(ref_val, onnx_metric if onnx_metric is not None else result.metric)
+        if ref_cls is not None and new_cls is not None:
+            classes = rep.per_class(ref_cls, new_cls, y)
     return {
         **rep.versions(), "command": "lccompress " + " ".join(job.argv), "method": result.method,
         "seed": job.seed, "device": str(device), "recipe": recipe.to_dict(), "config": _config(result),
@@ -326,12 +453,6 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "history": [vars(h) for h in result.history],
     }
-
-
-def _cpu(loader: Iterable) -> Iterable:
-    for b in loader:
-        x, y = split_batch(b, torch.device("cpu"))
-        yield x, y
 
 
 def _config(result: Result) -> dict[str, Any] | None:
@@ -352,8 +473,10 @@ class ExportOutcome:
 
 
 def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None = None,
-           data_spec: str | None = None, sparse: str = "packed") -> ExportOutcome:
-    """Export a compressed artifact to ONNX with the model from `model_spec`, checked in onnxruntime."""
+           data_spec: str | None = None, sparse: str = "packed", *, inputs: Sequence[str] = (),
+           example: str | None = None, output: str | None = None) -> ExportOutcome:
+    """Export a compressed artifact to ONNX with the model from `model_spec`, checked in onnxruntime;
+    the example input from `inputs`, `example`, `input_shape` or the data's first batch (`ExampleSpec`)."""
     from .artifact import disk_bytes, export_onnx, load, load_into_, verify_onnx
 
     out = Path(onnx_out)
@@ -362,9 +485,11 @@ def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | Non
     check_output_path(out)
     art = load(artifact)
     model = load_into_(call_factory(model_spec), artifact)
-    example = _example(input_shape, load_data(data_spec) if data_spec and not input_shape else None, "export")
-    export_onnx(model, art.thetas, art.groups, example, out, sparse=sparse)
-    diff = verify_onnx(out, model, example)
+    spec = ExampleSpec(input_shape, tuple(inputs), example)
+    given = bool(input_shape or inputs or example)
+    x, axes = spec.resolve(load_data(data_spec) if data_spec and not given else None, "export")
+    export_onnx(model, art.thetas, art.groups, x, out, sparse=sparse, dynamic_axes=axes, output=output)
+    diff = verify_onnx(out, model, x, output=output)
     return ExportOutcome(out, disk_bytes(out), diff["max_abs"], diff["max_rel"])
 
 
@@ -436,9 +561,11 @@ class CheckOutcome:
 
 
 def check(artifact: str, max_bytes: int | None = None, max_drop: float | None = None, reference: str | None = None,
-          model_spec: str | None = None, data_spec: str | None = None, metric: str = "accuracy",
-          trust: bool = False) -> CheckOutcome:
-    """Budgets for CI: bytes on disk ≤ max_bytes; metric drop against `reference` ≤ max_drop."""
+          model_spec: str | None = None, data_spec: str | None = None, metric: str = "auto",
+          trust: bool = False, loss: str = "auto", output: str | None = None) -> CheckOutcome:
+    """Budgets for CI: bytes on disk ≤ max_bytes; how much worse the metric is than on `reference`
+    (in the metric's unit: a fraction for accuracy) ≤ max_drop. The metric is chosen as by
+    `make_task` (`metric`, `loss`, `output`)."""
     from .artifact import disk_bytes, load_into_
 
     if max_bytes is None and max_drop is None:
@@ -453,18 +580,21 @@ def check(artifact: str, max_bytes: int | None = None, max_drop: float | None = 
     if max_drop is not None:
         if not (reference and model_spec and data_spec):
             raise ConfigError("--max-drop needs --reference CKPT, --model and --data")
-        metric_fn = accuracy if metric == "accuracy" else load_callable(metric, "--metric")
         data = load_data(data_spec)
-        loader = data.get("eval", data["train"])
         ref = build_model(read_checkpoint(reference, trust=trust), model_spec)
         cpu = torch.device("cpu")
+        data, _, metric_fn = make_task(ref.eval(), data, loss, metric, output, cpu)
+        loader = data.get("eval", data["train"])
         ref_val = evaluate(ref.eval(), loader, cpu, metric_fn)[0]
         if artifact.endswith(".onnx"):
-            new_val = onnx_eval(artifact, _cpu(loader), metric_fn)[0]
+            new_val = onnx_eval(artifact, loader, metric_fn)
+            if new_val is None:
+                raise ConfigError(f"--metric {metric_fn.name} needs the model's own loss, which an ONNX graph does "
+                                  "not compute; choose another --metric")
         else:
             new_val = evaluate(load_into_(call_factory(model_spec), artifact).eval(), loader, cpu, metric_fn)[0]
-        drop = ref_val - new_val
-        checks.append({"budget": "drop", "value": round(drop, 6), "limit": max_drop, "ok": drop <= max_drop,
+        drop = metric_fn.worse_by(ref_val, new_val)
+        checks.append({"budget": "drop", "metric": metric_fn.name, "value": round(drop, 6), "limit": max_drop, "ok": drop <= max_drop,
                        "over": round(max(0.0, drop - max_drop), 6), "reference": ref_val, "compressed": new_val})
     return CheckOutcome(artifact, all(c["ok"] for c in checks), checks)
 

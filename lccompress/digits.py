@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from .errors import ConfigError
-from .train import Guard, cross_entropy, train_epochs
+from .modelio import cross_entropy
+from .train import Guard, train_epochs
 
 
 class MLP(nn.Module):

@@ -28,8 +28,9 @@ from .lc_config import LCConfig, LStep, LStepContext, Result, StepRecord
 from .lc_state import LCState, fingerprint
 from .recipe import Recipe
 from .schemes.base import Theta
-from .train import (Guard, LossFn, MetricFn, accuracy, as_data, copy_module, cosine, cross_entropy, evaluate,
-                    resolve_device, seeded, train_epochs)
+from .modelio import as_loss, as_metric
+from .train import (Guard, LossFn, MetricFn, as_data, copy_module, cosine, evaluate, resolve_device, seeded,
+                    train_epochs)
 
 log = logging.getLogger("lccompress")
 
@@ -71,8 +72,8 @@ def compress(
     if method != "dc" and "train" not in data and lstep is None:
         raise ConfigError(f"method {method!r} trains, so it needs training data (or an lstep function)")
     dev = resolve_device(device)
-    run = _Run(copy_module(model).to(dev), recipe, data, config, loss or cross_entropy,
-               metric or accuracy, lstep, dev, callback)
+    run = _Run(copy_module(model).to(dev), recipe, data, config, as_loss(loss), as_metric(metric, as_loss(loss)),
+               lstep, dev, callback)
     run.on_epoch = on_epoch
     if state_dir is not None:
         shapes = {n: p.shape for n, p in run.params.items()}
@@ -283,8 +284,8 @@ class _Run:
                 free.append(th[key])
         total = cfg.total_epochs
 
-        def forward(x: Any) -> Tensor:
-            return functional_call(self.model, self.deltas(thetas), (x,))
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, self.deltas(thetas), args, kwargs)
 
         t = time.perf_counter()
         self.model.train()

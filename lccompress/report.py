@@ -20,15 +20,16 @@ from torch import Tensor
 from .util import atomic_write
 
 
-def per_class(outputs_ref: Tensor, outputs_new: Tensor, targets: Tensor) -> list[dict[str, Any]]:
-    """Accuracy per class of the reference and of the compressed model, and the change."""
+def per_class(classes_ref: Tensor, classes_new: Tensor, targets: Tensor) -> list[dict[str, Any]]:
+    """Accuracy per class of the reference and of the compressed model (their predicted classes
+    against the targets), and the change."""
     if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()):
         return []
     rows = []
     for c in targets.unique().tolist():
         m = targets == c
-        a = float((outputs_ref[m].argmax(-1) == c).float().mean())
-        b = float((outputs_new[m].argmax(-1) == c).float().mean())
+        a = float((classes_ref[m] == c).float().mean())
+        b = float((classes_new[m] == c).float().mean())
         rows.append({"class": int(c), "reference": a, "compressed": b, "delta": b - a})
     return rows
 
@@ -69,6 +70,16 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f} %"
 
 
+def metric_text(v: float | None, unit: str = "%") -> str:
+    """A metric's value in its unit: fractions as percentages, anything else as a plain number."""
+    return "–" if v is None else (f"{100 * v:.2f} %" if unit == "%" else f"{v:.4g}")
+
+
+def drop_text(d: float | None, unit: str = "%") -> str:
+    """How much worse, in the metric's unit: percentage points, or the plain difference."""
+    return "–" if d is None else (f"{100 * d:.2f} points" if unit == "%" else f"{d:.4g}")
+
+
 def markdown(r: Mapping[str, Any]) -> str:
     m = r.get("metric") or {}
     out = [f"# lccompress report: {r.get('artifact')}", "",
@@ -76,8 +87,10 @@ def markdown(r: Mapping[str, Any]) -> str:
            f"- artifact: {r['artifact_bytes']:,} bytes on disk; reference {r['reference_bytes']:,} bytes dense; "
            f"ratio {r['compression_ratio']:.2f}×"]
     if m.get("reference") is not None:
-        out.append(f"- {m.get('name', 'metric')}: reference {_pct(m.get('reference'))}, compressed "
-                   f"{_pct(m.get('compressed'))}, ONNX {_pct(m.get('onnx'))}, drop {_pct(m.get('drop'))}")
+        u = m.get("unit", "%")
+        out.append(f"- {m.get('name', 'metric')}: reference {metric_text(m.get('reference'), u)}, compressed "
+                   f"{metric_text(m.get('compressed'), u)}, ONNX {metric_text(m.get('onnx'), u)}, "
+                   f"worse by {drop_text(m.get('drop'), u)}")
     t = r.get("timings") or {}
     if t:
         out.append("- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, DivergenceError
+from .modelio import Inputs, Loss, Metric, accuracy, as_loss, as_metric, kl_distill, prediction, split_batch
 
 log = logging.getLogger("lccompress")
 
@@ -29,19 +30,13 @@ LossFn = Callable[[Tensor, Any], Tensor]
 MetricFn = Callable[[Tensor, Any], float]
 
 
-def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(output, target)
-
-
 def distill_loss(kind: str = "kl", temperature: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
     """Distillation loss of student logits s against the teacher's t: T²·KL(softmax(t/T) ‖
     softmax(s/T)), batch mean ("kl"), or the mean squared difference of the logits ("mse")."""
+    if kind == "kl":
+        return kl_distill(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ConfigError(f"temperature={temperature!r} must be a positive number")
-    if kind == "kl":
-        T = float(temperature)
-        return lambda s, t: F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
-                                     reduction="batchmean", log_target=True) * T * T
     if kind == "mse":
         return lambda s, t: F.mse_loss(s, t)
     raise ConfigError(f"distill={kind!r} must be 'kl' or 'mse'")
@@ -50,34 +45,6 @@ def distill_loss(kind: str = "kl", temperature: float = 1.0) -> Callable[[Tensor
 def cosine(e: int, total: int) -> float:
     """Cosine learning-rate factor of epoch e of `total`: ½(1 + cos(π·e/total))."""
     return 0.5 * (1 + math.cos(math.pi * e / max(1, total)))
-
-
-def accuracy(output: Tensor, target: Tensor) -> float:
-    """Fraction of rows whose arg-max equals the integer target."""
-    return float((output.argmax(-1) == target).float().mean())
-
-
-def split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
-    """(inputs, target) of a batch, moved to `device`; a batch is (x, y), [x, y] or {"x", "y"}."""
-    if isinstance(batch, dict) and "x" in batch:
-        x, y = batch["x"], batch.get("y")
-    elif isinstance(batch, (list, tuple)) and len(batch) == 2:
-        x, y = batch
-    else:
-        raise ConfigError(f"a batch must be (inputs, targets); got {type(batch).__name__}"
-                          f"{' of length ' + str(len(batch)) if isinstance(batch, (list, tuple)) else ''}")
-    return _to(x, device), _to(y, device)
-
-
-def batch_inputs(batch: Any) -> Any:
-    """The inputs of a batch: the batch itself if it is a tensor, else (x, y)[0] or {"x": …}["x"]."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict) and "x" in batch:
-        return batch["x"]
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0]
-    raise ConfigError(f"a batch must be (inputs, targets) or inputs; got {type(batch).__name__}")
 
 
 def first_batch(loader: Iterable, what: str) -> Any:
@@ -91,17 +58,18 @@ def first_batch(loader: Iterable, what: str) -> Any:
 
 
 class Teacher:
-    """Batches (x, reference(x)) from batches x or (x, y): distillation needs no labels; with
-    `argmax` the targets are the reference's predicted classes."""
+    """Batches (inputs, reference's prediction) from batches with or without targets: distillation
+    needs no labels; with `argmax` the targets are the reference's predicted classes."""
 
-    def __init__(self, loader: Iterable, teacher: nn.Module, device: torch.device, argmax: bool = False) -> None:
-        self.loader, self.teacher, self.device, self.argmax = loader, teacher, device, argmax
+    def __init__(self, loader: Iterable, teacher: nn.Module, device: torch.device, argmax: bool = False,
+                 output: str | None = None) -> None:
+        self.loader, self.teacher, self.device, self.argmax, self.output = loader, teacher, device, argmax, output
 
     def __iter__(self):
         for b in self.loader:
-            x = batch_inputs(b).to(self.device)
+            x, _ = split_batch(b, self.device)
             with torch.no_grad():
-                t = self.teacher(x)
+                t = prediction(x(self.teacher), self.output)
             yield x, (t.argmax(-1) if self.argmax else t)
 
     def __len__(self) -> int:
@@ -151,14 +119,6 @@ def copy_module(model: nn.Module) -> nn.Module:
         buf.seek(0)
         return torch.jit.load(buf, map_location="cpu")
     return copy.deepcopy(model)
-
-
-def _to(v: Any, device: torch.device) -> Any:
-    if isinstance(v, Tensor):
-        return v.to(device, non_blocking=True)
-    if isinstance(v, (list, tuple)):
-        return type(v)(_to(t, device) for t in v)
-    return v
 
 
 class Guard:
@@ -275,12 +235,12 @@ def train_loop(
 
 
 def train_epochs(
-    forward: Callable[[Any], Tensor],
+    forward: Callable[..., Any],
     loader: Iterable,
     groups: Sequence[tuple[list[Tensor], float]],
     *,
     epochs: int,
-    loss_fn: LossFn,
+    loss_fn: LossFn | Loss,
     device: torch.device,
     extra: Callable[[], Tensor] | None = None,
     momentum: float = 0.9,
@@ -291,10 +251,12 @@ def train_epochs(
     where: str = "training",
     on_epoch: Callable[[int, int], None] | None = None,
 ) -> float:
-    """`train_loop` with SGD on loss_fn(forward(x), y) + extra(); `groups` are (tensors, learning rate)."""
+    """`train_loop` with SGD on the loss of forward(inputs) against the targets, + extra();
+    `groups` are (tensors, learning rate)."""
+    task = as_loss(loss_fn)
 
-    def objective(x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        loss = loss_fn(forward(x), y)
+    def objective(x: Inputs, y: Any) -> tuple[Tensor, Tensor]:
+        loss, _ = task.on(forward, x, y)
         return loss, (loss + extra() if extra is not None else loss)
 
     stepper = SGDStepper(groups, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
@@ -304,25 +266,37 @@ def train_epochs(
 
 @torch.no_grad()
 def evaluate(
-    forward: Callable[[Any], Tensor],
+    forward: Callable[..., Any],
     loader: Iterable,
     device: torch.device,
-    metric: MetricFn = accuracy,
-) -> tuple[float, Tensor, Any]:
-    """(metric over the whole loader, all outputs, all targets), outputs concatenated on the CPU."""
-    outs, ys = [], []
-    for batch in loader:
-        x, y = split_batch(batch, device)
-        outs.append(forward(x).float().cpu())
-        ys.append(y.cpu() if isinstance(y, Tensor) else y)
-    if not outs:
+    metric: MetricFn | Metric | str = accuracy,
+) -> tuple[float, Tensor | None, Tensor | None]:
+    """(metric over the whole loader, predicted classes, targets): the classes (arg-max of the
+    prediction, on the CPU) and targets only for classifiers with one integer target per row."""
+    m = as_metric(metric)
+    classes: list[Tensor] = []
+    ys: list[Tensor] = []
+    seen = [0]
+
+    def pairs() -> Iterator[tuple[Any, Any]]:
+        for batch in loader:
+            x, y = split_batch(batch, device)
+            out = x(forward, y if m.own else None)
+            seen[0] += 1
+            p = prediction(out, m.output) if not m.own else None
+            if p is not None and p.dim() == 2 and isinstance(y, Tensor) and y.dim() == 1 \
+                    and not y.is_floating_point() and len(y) == len(p):
+                classes.append(p.argmax(-1).cpu())
+                ys.append(y.cpu())
+            yield out, y
+
+    value = float(m.compute(pairs()))
+    if seen[0] == 0:
         raise ConfigError("the evaluation data loader yielded no batches")
-    out = torch.cat(outs)
-    y = torch.cat(ys) if isinstance(ys[0], Tensor) else ys
-    value = float(metric(out, y))
     if not math.isfinite(value):
         log.warning("the metric is %s", value)
-    return value, out, y
+    whole = len(classes) == seen[0]
+    return value, (torch.cat(classes) if whole else None), (torch.cat(ys) if whole else None)
 
 
 @torch.no_grad()
@@ -351,7 +325,7 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 50,
             if seen >= batches:
                 break
             x, _ = split_batch(batch, dev)
-            model(x)
+            x(model)
             seen += 1
         if seen == 0:
             raise ConfigError("the loader for BatchNorm recalibration yielded no batches")

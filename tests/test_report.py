@@ -25,7 +25,7 @@ def test_per_class_by_hand():
     y = torch.tensor([0, 0, 1, 1, 1, 2])
     ref = logits([0, 1, 1, 1, 0, 2])  # class 0: 1 of 2 right, class 1: 2 of 3, class 2: 1 of 1
     new = logits([0, 0, 1, 2, 2, 0])  # class 0: 2 of 2, class 1: 1 of 3, class 2: 0 of 1
-    rows = rep.per_class(ref, new, y)
+    rows = rep.per_class(ref.argmax(-1), new.argmax(-1), y)  # predicted classes
     # class 3 exists in the outputs but not in the targets: no row for it
     assert [r["class"] for r in rows] == [0, 1, 2]
     want = [(0.5, 1.0), (2 / 3, 1 / 3), (1.0, 0.0)]
@@ -177,7 +177,7 @@ def test_write_markdown_tables(tmp_path):
     assert lines[0] == "# lccompress report: out.safetensors"
     assert "- method: lc, seed 0, device cpu" in lines
     assert "- artifact: 12,345 bytes on disk; reference 200,800 bytes dense; ratio 16.27×" in lines
-    assert "- accuracy: reference 97.50 %, compressed 90.00 %, ONNX –, drop 7.50 %" in lines
+    assert "- accuracy: reference 97.50 %, compressed 90.00 %, ONNX –, worse by 7.50 points" in lines
     assert "- time: total 1.2 s, lstep 0.6 s" in lines
     i = lines.index("| layer | scheme | shape | params | kept / k / rank | bits | bytes |")
     assert lines[i + 1:i + 4] == [

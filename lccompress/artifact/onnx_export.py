@@ -25,6 +25,7 @@ densifies them at load anyway.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import warnings
@@ -37,6 +38,7 @@ from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..modelio import Inputs, as_inputs, prediction
 from ..recipe import Group
 from ..schemes.base import Theta
 from ..util import atomic_write
@@ -97,20 +99,117 @@ def _find(inits: Mapping[str, onnx.TensorProto], name: str, w: np.ndarray) -> tu
     return None
 
 
+class _Graph(nn.Module):
+    """What goes through the exporter: forward(*tensors) calls the model with the example's
+    structure (positional and keyword arguments, non-tensor ones as constants) and returns the
+    outputs that ONNX keeps (see `graph_outputs`)."""
+
+    def __init__(self, model: nn.Module, example: Inputs, output: str | None) -> None:
+        super().__init__()
+        self.model, self.example, self.output = model, example, output
+        self.slots = [("a", i) for i, v in enumerate(example.args) if isinstance(v, Tensor)] + \
+                     [("k", k) for k, v in example.kwargs.items() if isinstance(v, Tensor)]
+
+    def call(self, *tensors: Tensor) -> Any:
+        args, kwargs = list(self.example.args), dict(self.example.kwargs)
+        for (kind, key), t in zip(self.slots, tensors):
+            if kind == "a":
+                args[key] = t  # type: ignore[index]
+            else:
+                kwargs[key] = t  # type: ignore[index]
+        return self.model(*args, **kwargs)
+
+    def forward(self, *tensors: Tensor) -> Any:
+        return graph_outputs(self.call(*tensors), self.output)[1]
+
+
+def graph_outputs(out: Any, output: str | None = None) -> tuple[list[str], tuple[Tensor, ...]]:
+    """(names, tensors) that an exported graph returns for a model output: `output` by name; a
+    tensor; every tensor of a flat tuple or list; from a dict or ModelOutput its prediction
+    ("logits", else the first tensor)."""
+    if output is not None:
+        return [output if not output.lstrip("-").isdigit() else "output"], (prediction(out, output),)
+    if isinstance(out, Tensor):
+        return ["output"], (out,)
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, Tensor) for t in out):
+        return [f"output{i}" for i in range(len(out))] if len(out) > 1 else ["output"], tuple(out)
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return ["logits"], (out["logits"],)
+    return ["output"], (prediction(out),)
+
+
+def onnx_input_names(model: nn.Module, example: Inputs) -> list[str]:
+    """ONNX input names of the example's tensors: keyword arguments by their keys, positional ones
+    by the forward's parameter names (`input`, `input1`, … where the signature does not say)."""
+    params: list[str] = []
+    try:
+        schema = getattr(model.forward, "schema", None)  # TorchScript
+        if schema is not None:
+            params = [a.name for a in schema.arguments][1:]
+        else:
+            sig = inspect.signature(model.forward)
+            params = [n for n, p in sig.parameters.items()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError, AttributeError):
+        params = []
+    names = [(params[i] if i < len(params) else ("input" if i == 0 else f"input{i}"))
+             for i, v in enumerate(example.args) if isinstance(v, Tensor)]
+    names += [k for k, v in example.kwargs.items() if isinstance(v, Tensor)]
+    if len(set(names)) != len(names):
+        names = [f"input{i}" for i in range(len(names))]
+    return names
+
+
+def default_dynamic_axes(example: Inputs, names: Sequence[str]) -> dict[str, dict[int, str]]:
+    """Axis 0 of every input is "batch"; axis 1 of integer and boolean inputs (token ids, masks)
+    with two or more dimensions is "seq"."""
+    out: dict[str, dict[int, str]] = {}
+    for name, t in zip(names, example.tensors()):
+        axes: dict[int, str] = {0: "batch"} if t.dim() >= 1 else {}
+        if t.dim() >= 2 and not t.is_floating_point() and not t.is_complex():
+            axes[1] = "seq"
+        out[name] = axes
+    return out
+
+
+def feeds(names: Sequence[str], inputs: Inputs) -> dict[str, np.ndarray]:
+    """An onnxruntime feed for `inputs`: keyword tensors by key, positional ones in the order of
+    the remaining names."""
+    free = [n for n in names if n not in inputs.kwargs]
+    pos = [v for v in inputs.args if isinstance(v, Tensor)]
+    if len(pos) > len(free):
+        raise ConfigError(f"the ONNX model takes inputs {', '.join(names)}; the batch has {len(pos)} positional "
+                          f"tensors and keywords {', '.join(inputs.kwargs) or 'none'}")
+    out = {n: _np(t) for n, t in zip(free, pos)}
+    out.update({k: _np(v) for k, v in inputs.kwargs.items() if k in names and isinstance(v, Tensor)})
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ConfigError(f"the ONNX model needs inputs {', '.join(missing)} that the batch does not have")
+    return out
+
+
 def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Group], example_input: Any,
                 path: Any, *, sparse: str = "packed", split_lowrank: bool = True, opset: int = 18,
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                dynamic_batch: bool = True) -> dict[str, str]:
+                dynamic_batch: bool = True, dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+                output: str | None = None) -> dict[str, str]:
     """Export `model` with weights Δ(θ) to a single ONNX file at `path` (written atomically).
 
-    `example_input` is a tensor or a tuple of tensors; with `dynamic_batch` dimension 0 of
-    every input and output is dynamic. `sparse` is "packed" or "dense" (see the module doc).
-    The input model is not changed. Returns the encoding used for each compressed parameter.
+    `example_input` is a tensor, a tuple of positional arguments, or `modelio.Inputs` (positional
+    and keyword arguments; non-tensor ones are baked in as constants). Inputs are named after the
+    forward's parameters and the keyword keys (`input_names` overrides); with `dynamic_batch`,
+    `dynamic_axes` (default: `default_dynamic_axes`) and axis 0 of every output are dynamic.
+    The outputs are `graph_outputs(model(…), output)`. `sparse` is "packed" or "dense" (see the
+    module doc). The input model is not changed. Returns the encoding used for each compressed
+    parameter.
     """
     if sparse not in ("packed", "dense"):
         raise ConfigError(f"sparse={sparse!r} must be 'packed' or 'dense'")
     if opset < 18:
         raise ConfigError(f"opset={opset} must be ≥ 18 (the code decoders use BitwiseAnd)")
+    example = as_inputs(example_input).to(torch.device("cpu"))
+    if not example.tensors():
+        raise ConfigError("the example input holds no tensor to export a graph for")
     m = copy.deepcopy(model).cpu().eval()
     th = {g.name: {k: v.detach().cpu() for k, v in thetas[g.name].items()} for g in groups}
     params = dict(m.named_parameters())
@@ -119,19 +218,34 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
             for p, t in g.decompress(th[g.name]).items():
                 params[p].copy_(t)
         deltas = {p: _np(params[p]) for g in groups for p in g.params}
+    ins = list(input_names or onnx_input_names(m, example))
     split = set(split_lowrank_(m, th, groups)) if split_lowrank else set()
-    args = tuple(a.cpu() for a in (example_input if isinstance(example_input, tuple) else (example_input,)))
-    with torch.no_grad():
-        outs = m(*args)
-    n_out = len(outs) if isinstance(outs, (tuple, list)) else 1
-    ins = list(input_names or (["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]))
-    outs_n = list(output_names or (["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]))
+    graph = _Graph(m, example, output)
+    try:
+        with torch.no_grad():
+            outs_n, outs = graph_outputs(graph.call(*example.tensors()), output)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model on the user's example
+        raise ConfigError(f"the model fails on the example input: {_first_line(e)}") from None
+    outs_n = list(output_names or outs_n)
+    axes: dict[str, dict[int, str]] = {}
+    if dynamic_batch:
+        axes = {k: dict(v) for k, v in (dynamic_axes or default_dynamic_axes(example, ins)).items()}
+        seq = {t.shape[d] for n, t in zip(ins, example.tensors()) for d, a in axes.get(n, {}).items() if a == "seq"}
+        for name, t in zip(outs_n, outs):
+            axes[name] = {0: "batch"} if t.dim() >= 1 else {}
+            if t.dim() >= 3 and t.shape[1] in seq:
+                axes[name][1] = "seq"
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, args, buf, dynamo=False, opset_version=opset, do_constant_folding=False,
-                          input_names=ins, output_names=outs_n,
-                          dynamic_axes={k: {0: "batch"} for k in ins + outs_n} if dynamic_batch else None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, tuple(example.tensors()), buf, dynamo=False, opset_version=opset,
+                              do_constant_folding=False, input_names=ins, output_names=outs_n,
+                              dynamic_axes=axes or None)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; name the operator or argument
+        raise ConfigError(f"ONNX export failed: {_first_line(e)}") from None
     mp = onnx.load_from_string(buf.getvalue())
     inits = {t.name: t for t in mp.graph.initializer}
     b, drop, enc, meta = _Builder(), set(), {}, {}
@@ -140,11 +254,11 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
         entry.pop("bits")
         if g.name in split:
             mod = g.params[0].rpartition(".")[0]
-            used = [f"{mod}.{i}.weight" for i in (0, 1) if f"{mod}.{i}.weight" in inits]
+            used = [f"model.{mod}.{i}.weight" for i in (0, 1) if f"model.{mod}.{i}.weight" in inits]
             enc[g.params[0]] = "lowrank/split"
             meta[g.name] = {**entry, "initializers": used, "parts": {g.params[0]: {"enc": "lowrank/split"}}}
             continue
-        hits = {p: _find(inits, p, deltas[p]) for p in g.params}
+        hits = {p: _find(inits, "model." + p, deltas[p]) for p in g.params}  # the graph wraps the model
         if not any(hits.values()):
             continue
         n0 = len(b.inits)
@@ -180,8 +294,15 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     return enc
 
 
-def verify_onnx(path: Any, model: nn.Module, inputs: Any, *, threads: int | None = None) -> dict[str, float]:
-    """Run the ONNX file in onnxruntime (CPU) and `model` in torch on the same inputs.
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def verify_onnx(path: Any, model: nn.Module, inputs: Any, *, threads: int | None = None,
+                output: str | None = None) -> dict[str, float]:
+    """Run the ONNX file in onnxruntime (CPU) and `model` in torch on the same inputs (a tensor, a
+    tuple of positional arguments or `modelio.Inputs`, of any batch size and sequence length the
+    graph's dynamic axes allow).
 
     Returns max_abs = max |o − t| and max_rel = max over outputs of max|o − t| / max|t|
     (ONNX output o, torch output t).
@@ -192,18 +313,18 @@ def verify_onnx(path: Any, model: nn.Module, inputs: Any, *, threads: int | None
     if threads:
         so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    got = sess.run(None, {i.name: _np(a) for i, a in zip(sess.get_inputs(), args)})
+    x = as_inputs(inputs).to(torch.device("cpu"))
+    got = sess.run(None, feeds([i.name for i in sess.get_inputs()], x))
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ref = model(*args)
+            ref = graph_outputs(x(model), output)[1]
     finally:
         model.train(was)
-    refs = [_np(r) for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+    refs = [_np(r) for r in ref]
     if len(refs) != len(got):
         raise ConfigError(f"the ONNX model has {len(got)} outputs, the torch model {len(refs)}")
-    abs_ = [float(np.abs(o - t).max(initial=0.0)) for o, t in zip(got, refs)]
+    abs_ = [float(np.abs(o - t.astype(o.dtype)).max(initial=0.0)) for o, t in zip(got, refs)]
     rel = [a / max(float(np.abs(t).max(initial=0.0)), 1e-30) for a, t in zip(abs_, refs)]
     return {"max_abs": max(abs_), "max_rel": max(rel)}

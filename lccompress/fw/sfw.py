@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..recipe import Recipe, Span, match
 from ..schemes import LowRank, Prune
-from ..train import (Guard, LossFn, as_data, cosine, cross_entropy, distill_loss, resolve_device, seeded,
+from ..modelio import as_loss, prediction
+from ..train import (Guard, LossFn, as_data, cosine, distill_loss, resolve_device, seeded,
                      train_loop)
 from ..util import as_matrix, kappa
 from .lmo import LMO, KSparsePolytope, L2Ball, SpectralKSupport
@@ -240,9 +241,9 @@ def sfw_refine(
             n = b.lmo.norm(x)
             if n > b.lmo.radius:
                 b.put(x * (b.lmo.radius / n))
-    loss = loss or cross_entropy
+    task = as_loss(loss)
     _fw_train(model, loader, blocks, epochs=epochs, lr=lr, momentum=momentum, rescale=rescale,
-              objective=lambda x, y: loss(model(x), y), device=dev, seed=seed, schedule=schedule,
+              objective=lambda x, y: task.on(model, x, y)[0], device=dev, seed=seed, schedule=schedule,
               dense_lr=dense_lr, callback=callback)
     return model
 
@@ -335,8 +336,8 @@ def fw_grow(
 
     def objective(x: Any, y: Any) -> Tensor:
         with torch.no_grad():
-            t = teacher(x)
-        return kd(model(x), t)
+            t = prediction(x(teacher))
+        return kd(prediction(x(model)), t)
 
     _fw_train(model, loader, [block], epochs=epochs, lr=lr, momentum=momentum, rescale="gradient",
               objective=objective, device=dev, seed=seed, schedule=schedule, dense_lr=dense_lr, lmo_fn=lmo,
