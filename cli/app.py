@@ -90,8 +90,13 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report (.json or .md)."),
         click.option("--model", "model_spec", help="Model factory FILE.py:FUNC or module:FUNC (needed to train or export)."),
         click.option("--data", "data_spec", help='Data FILE.py:FUNC returning {"train": DataLoader, "eval": DataLoader}.'),
-        click.option("--loss", default="ce", show_default=True, help="ce | mse | distill | FILE.py:FUNC."),
-        click.option("--metric", default="accuracy", show_default=True, help="accuracy | FILE.py:FUNC."),
+        click.option("--loss", default="auto", show_default=True,
+                     help="auto | ce | mse | model | distill | FILE.py:FUNC. auto: the model's own loss for dict "
+                          "batches with labels (Hugging Face), else ce."),
+        click.option("--metric", default="auto", show_default=True,
+                     help="auto | accuracy | perplexity | loss | cosine | mse | FILE.py:FUNC. auto follows the loss."),
+        click.option("--output", "output", metavar="NAME",
+                     help="The model output to train and evaluate on (a key or attribute such as logits, or an index)."),
         click.option("--include", multiple=True, help="Glob of parameters to compress (repeatable)."),
         click.option("--exclude", multiple=True, help="Glob of parameters to leave dense (repeatable)."),
         click.option("--method", type=click.Choice(list(METHODS)),
@@ -107,6 +112,12 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed: same seed, same bytes."),
         click.option("--input-shape", help="Example input shape for ONNX export, e.g. 1,64 (default: first batch)."),
+        click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]",
+                     help="An ONNX example input (repeatable), e.g. input_ids:batch=1,seq=16:int64."),
+        click.option("--example", metavar="FILE.py:FUNC",
+                     help="Function returning the ONNX example arguments: a tensor, a tuple, a dict or (args, kwargs)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     help="Dtype of the artifact's weights (default: the checkpoint's)."),
         click.option("--state-dir", type=click.Path(file_okay=False), help="Where LC state is saved (default OUT.lcstate/)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its state directory."),
         click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled module (runs its code)."),
@@ -211,17 +222,23 @@ def compress_cmd(ckpt: str, recipe_path: str, **opts: Any) -> None:
 @click.option("--onnx", "onnx_out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--model", "model_spec", required=True, help="Model factory FILE.py:FUNC or module:FUNC.")
 @click.option("--input-shape", help="Example input shape, e.g. 1,64.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]",
+              help="An example input (repeatable), e.g. input_ids:batch=1,seq=16:int64; AXIS=N axes are dynamic.")
+@click.option("--example", metavar="FILE.py:FUNC",
+              help="Function returning the example arguments: a tensor, a tuple, a dict or (args, kwargs).")
+@click.option("--output", "output", metavar="NAME", help="The model output to export (default: logits or all tensors).")
 @click.option("--data", "data_spec", help="Data function; the first batch is the example input.")
 @click.option("--sparse", type=click.Choice(["packed", "dense"]), default="packed", show_default=True,
               help="Pruned weights as positions + values, or dense with zeros.")
 @guarded()
-def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None, data_spec: str | None,
-           sparse: str) -> None:
+def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None, inputs: tuple[str, ...],
+           example: str | None, output: str | None, data_spec: str | None, sparse: str) -> None:
     """Export a compressed artifact to ONNX and check it in onnxruntime.
 
     Example: lccompress export small.safetensors --onnx small.onnx --model net.py:make --input-shape 1,64
     """
-    r = api.export(artifact, onnx_out, model_spec, input_shape, data_spec, sparse)
+    r = api.export(artifact, onnx_out, model_spec, input_shape, data_spec, sparse, inputs=inputs, example=example,
+                   output=output)
     err_console.print(f"wrote {r.path}: {r.bytes:,} bytes; onnxruntime vs torch: max abs diff "
                       f"{r.max_abs:.3g}, max rel diff {r.max_rel:.3g}", highlight=False)
 
@@ -250,12 +267,16 @@ def inspect(path: str, as_json: bool, trust_checkpoint: bool) -> None:
 @click.option("--reference", "reference", type=click.Path(), help="Reference checkpoint (for --max-drop).")
 @click.option("--model", "model_spec", help="Model factory (for --max-drop).")
 @click.option("--data", "data_spec", help="Data function (for --max-drop; its eval loader is used).")
-@click.option("--metric", default="accuracy", show_default=True, help="accuracy | FILE.py:FUNC.")
+@click.option("--metric", default="auto", show_default=True,
+              help="auto | accuracy | perplexity | loss | cosine | mse | FILE.py:FUNC.")
+@click.option("--loss", default="auto", show_default=True, help="The loss that auto metrics follow (as for prune).")
+@click.option("--output", "output", metavar="NAME", help="The model output to evaluate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled reference module.")
 @guarded(status=2)
 def check(artifact: str, max_bytes: str | None, max_drop: float | None, reference: str | None,
-          model_spec: str | None, data_spec: str | None, metric: str, as_json: bool, trust_checkpoint: bool) -> None:
+          model_spec: str | None, data_spec: str | None, metric: str, loss: str, output: str | None, as_json: bool,
+          trust_checkpoint: bool) -> None:
     """Gate for CI: exit 0 within every budget, 1 over one, 2 on usage errors.
 
     Example: lccompress check small.safetensors --max-bytes 200KB
@@ -264,7 +285,7 @@ def check(artifact: str, max_bytes: str | None, max_drop: float | None, referenc
         budget = parse_size(max_bytes) if max_bytes is not None else None
     except click.BadParameter as e:
         raise UsageError(f"--max-bytes: {e.message}") from None
-    res = api.check(artifact, budget, max_drop, reference, model_spec, data_spec, metric, trust_checkpoint)
+    res = api.check(artifact, budget, max_drop, reference, model_spec, data_spec, metric, trust_checkpoint, loss, output)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:

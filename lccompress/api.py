@@ -37,7 +37,29 @@ from .modelio import (METRICS, Inputs, Loss, Metric, accepts_labels, as_inputs, 
                       kl_distill, split_batch)
 from .train import Teacher, evaluate, first_batch, recalibrate_bn_, resolve_device
 
-COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d, nn.Embedding)
+# by class name, so that neither transformers nor a TorchScript module's Python class is needed
+LAYER_NAMES = {c.__name__ for c in COMPRESSIBLE} | {"Conv1D", "NonDynamicallyQuantizableLinear"}
+RNN_NAMES = {"LSTM", "GRU", "RNN"}
+
+
+def _layer_weights(name: str, m: nn.Module) -> list[str]:
+    """The compressible weights a module owns directly: the `weight` of Linear / Conv / Embedding /
+    transformers' Conv1D, the input-hidden and hidden-hidden matrices of LSTM / GRU / RNN
+    (weight_ih_l0, weight_hh_l0_reverse, …), MultiheadAttention's in_proj_weight (or q/k/v_proj_weight)."""
+    kind = getattr(m, "original_name", None) or type(m).__name__  # TorchScript keeps the Python class name
+    own = dict(m.named_parameters(recurse=False))
+    pre = f"{name}." if name else ""
+    if isinstance(m, COMPRESSIBLE) or kind in LAYER_NAMES:
+        keys = ["weight"]
+    elif isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)) or kind in RNN_NAMES:
+        keys = [k for k in own if k.startswith(("weight_ih_l", "weight_hh_l"))]
+    elif isinstance(m, nn.MultiheadAttention) or kind == "MultiheadAttention":
+        keys = [k for k in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight") if k in own]
+    else:
+        return []
+    return [pre + k for k in keys if isinstance(own.get(k), Tensor) and own[k].dim() >= 2]
 
 
 @dataclass
@@ -71,15 +93,20 @@ def state_module(state: Mapping[str, Tensor]) -> nn.Module:
 
 
 def default_targets(module: nn.Module, has_code: bool) -> list[str]:
-    """Weights of Linear, Conv and Embedding layers; from a bare state_dict, every ≥2-D `*.weight`."""
-    kinds = {c.__name__ for c in COMPRESSIBLE}
-    if has_code:  # TorchScript modules keep their Python class name in original_name
-        found = [f"{n}.weight" if n else "weight" for n, m in module.named_modules()
-                 if (isinstance(m, COMPRESSIBLE) or getattr(m, "original_name", None) in kinds)
-                 and isinstance(getattr(m, "weight", None), Tensor)]
+    """The weights of Linear, Conv, Embedding, LSTM / GRU / RNN, MultiheadAttention and transformers'
+    Conv1D layers (`_layer_weights`), a tied weight once; from a bare state_dict (no code), every
+    ≥ 2-D `*weight*` tensor."""
+    if has_code:
+        params = {id(p): n for n, p in module.named_parameters()}  # deduplicated: tied weights once
+        found = []
+        for name, m in module.named_modules():
+            own = dict(m.named_parameters(recurse=False))
+            for w in _layer_weights(name, m):
+                if params.get(id(own[w.rpartition(".")[2]])) == w:
+                    found.append(w)
         if found:
             return found
-    return [n for n, p in module.named_parameters() if n.endswith("weight") and p.dim() >= 2]
+    return [n for n, p in module.named_parameters() if "weight" in n.rpartition(".")[2] and p.dim() >= 2]
 
 
 def select(module: nn.Module, has_code: bool, include: Iterable[str], exclude: Iterable[str]) -> list[str]:
@@ -303,6 +330,8 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
             raise ConfigError(f"--report {rp}: directory {where} does not exist or is not writable")
     ck = read_checkpoint(ckpt_path, trust=job.trust_checkpoint)
     model = build_model(ck, job.model_spec)
+    for note in ck.notes:
+        cb.info(note)
     data = load_data(job.data_spec) if job.data_spec else {}
     method = job.method or ("lc" if data else "dc")
     if method != "dc" and not data:
@@ -421,6 +450,7 @@ def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", met
 def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, data, device, out: Path,
                    metric_fn: Metric, example: ExampleSpec) -> dict[str, Any]:
     from .artifact import disk_bytes, export_onnx, save, size_report, verify_onnx
+    from .artifact.container import cast_
 
     onnx_metric, onnx_diff = None, None
     if out.suffix == ".onnx":
@@ -430,7 +460,11 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         if "eval" in data:
             onnx_metric = onnx_eval(out, data["eval"], metric_fn)
     else:
-        save(out, result.model, result.thetas, result.groups, recipe=recipe)
+        thetas = result.thetas
+        dtypes = _stored_dtypes(job.dtype, ck, result.model)
+        if dtypes:
+            thetas = cast_(result.model, result.thetas, result.groups, dtypes)
+        save(out, result.model, thetas, result.groups, recipe=recipe)
     size = size_report(out)
     ref_bytes = sum(t.numel() * t.element_size() for t in ck.state_dict.values())
     art_bytes = disk_bytes(out)
@@ -453,6 +487,17 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "history": [vars(h) for h in result.history],
     }
+
+
+def _stored_dtypes(dtype: str | None, ck, model: nn.Module) -> dict[str, torch.dtype]:
+    """Dtypes for the artifact's floating tensors where they differ from the model's: `dtype` for
+    all, else each tensor's dtype in the checkpoint (an fp16 checkpoint stays fp16)."""
+    own = {k: v.dtype for k, v in model.state_dict().items() if v.is_floating_point()}
+    if dtype:
+        want = dict.fromkeys(own, getattr(torch, dtype))
+    else:
+        want = {k: v.dtype for k, v in ck.state_dict.items() if k in own and v.is_floating_point()}
+    return {k: d for k, d in want.items() if d != own[k]}
 
 
 def _config(result: Result) -> dict[str, Any] | None:
@@ -534,8 +579,12 @@ def inspect(path: str, trust: bool = False) -> Inspection:
                          "bits": g.stored_bits, "bytes": math.ceil(g.stored_bits / 8)})
         if art:
             compressed = {p for gg in art.groups for p in gg.params}
+            aliases = art.manifest.get("aliases", {})
             for k, t in art.state_dict.items():
-                if k not in compressed:
+                if k in aliases:
+                    rows.append({**_dense_row(k, t), "scheme": "tied", "detail": f"= {aliases[k]}", "bits": 0,
+                                 "bytes": 0})
+                elif k not in compressed:
                     rows.append(_dense_row(k, t))
         return Inspection(path, disk_bytes(path), rows)
     ck = read_checkpoint(path, trust=trust)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import pickle
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,19 +37,51 @@ class Checkpoint:
     kind: str  # "state_dict" | "safetensors" | "torchscript" | "exported" | "module"
     state_dict: dict[str, Tensor]
     module: nn.Module | None = None
+    notes: list[str] = field(default_factory=list)  # what reading it took (a prefix stripped, a nested dict chosen)
 
 
-def _flatten(obj: Any, path: Path) -> dict[str, Tensor]:
-    """A state_dict from what torch.load gave: a tensor dict, or one nested under a usual key."""
+def _tensors(obj: Any) -> dict[str, Tensor]:
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)} if isinstance(obj, dict) else {}
+
+
+def _flatten(obj: Any, path: Path, notes: list[str]) -> dict[str, Tensor]:
+    """A state_dict from what torch.load gave: a tensor dict, one under a usual key ("state_dict",
+    "model_state_dict", "model"), or the only nested dict of tensors; else an error naming those found."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
+            if key in obj and _tensors(obj[key]):
                 obj = obj[key]
                 break
-        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        tensors = _tensors(obj)
         if tensors:
             return tensors
+        nested = _nested(obj)
+        if len(nested) == 1:
+            (where, t), = nested
+            notes.append(f"{path}: the weights are the nested dict {_where(where)} ({len(t)} tensors)")
+            return t
+        if nested:
+            found = ", ".join(f"{_where(k)} ({len(t)} tensors)" for k, t in nested)
+            raise CheckpointError(f"{path}: holds no tensors at its top level; nested dicts of tensors: {found}. "
+                                  "Save the one you mean: torch.save(ckpt[KEY], 'weights.pt')")
     raise CheckpointError(f"{path}: holds no tensors by name (expected a state_dict)")
+
+
+def _where(keys: tuple[str, ...]) -> str:
+    return "".join(f"[{k!r}]" for k in keys)
+
+
+def _nested(obj: dict) -> list[tuple[tuple[str, ...], dict[str, Tensor]]]:
+    """(keys, tensors) of the dicts of tensors one or two levels down."""
+    out = []
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, dict):
+            continue
+        if _tensors(v):
+            out.append(((k,), _tensors(v)))
+        else:
+            out += [((k, k2), _tensors(v2)) for k2, v2 in v.items() if isinstance(k2, str) and _tensors(v2)]
+    return out
 
 
 def read_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
@@ -130,14 +163,20 @@ def _read_pickle(path: Path, trust: bool) -> Checkpoint:
                 f"{path}: a pickled Python object (such as a whole nn.Module); loading it runs code from "
                 "the file. Pass --trust-checkpoint if you trust its source, or save model.state_dict() "
                 "and give the model with --model")
+        cwd = os.getcwd()
+        sys.path.insert(0, cwd)  # a pickled module's class may live in a file of the working directory
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - the file's own code, or a damaged pickle
             raise CheckpointError(f"{path}: cannot unpickle it ({type(e).__name__}: {_first_line(e)}); a whole "
                                   "module needs its class importable (or save its state_dict)") from None
+        finally:
+            if cwd in sys.path:
+                sys.path.remove(cwd)
     if isinstance(obj, nn.Module):
         return Checkpoint(path, "module", dict(obj.state_dict()), obj)
-    return Checkpoint(path, "state_dict", _flatten(obj, path))
+    notes: list[str] = []
+    return Checkpoint(path, "state_dict", _flatten(obj, path, notes), notes=notes)
 
 
 def _read_exported(path: Path, names: list[str], trust: bool) -> Checkpoint:
@@ -217,16 +256,52 @@ def call_factory(spec: str) -> nn.Module:
     return model
 
 
+PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def _strip(key: str) -> str:
+    while True:
+        p = next((p for p in PREFIXES if key.startswith(p)), None)
+        if p is None:
+            return key
+        key = key[len(p):]
+
+
+def _fit(model: nn.Module, sd: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) keys of `sd` for `model`; a missing key is fine when the model ties it
+    to a present one (an output layer sharing the embedding's weight)."""
+    own = model.state_dict()
+    ptr = {k: (v.data_ptr(), tuple(v.shape)) for k, v in own.items()}
+    present = {ptr[k] for k in sd if k in ptr}
+    missing = [k for k in own if k not in sd and ptr[k] not in present]
+    return missing, [k for k in sd if k not in own]
+
+
 def build_model(ckpt: Checkpoint, factory: str | None) -> nn.Module | None:
-    """The module to train: the checkpoint's own, or factory() with the checkpoint's weights loaded."""
+    """The module to train: the checkpoint's own, or factory() with the checkpoint's weights loaded.
+    Keys with `module.` / `_orig_mod.` prefixes are stripped when that makes them fit (noted in
+    `ckpt.notes`); weights tied in the model may be stored once."""
     if factory is None:
         return ckpt.module
     model = call_factory(factory)
+    sd = ckpt.state_dict
+    missing, unexpected = _fit(model, sd)
+    if missing or unexpected:
+        stripped = {_strip(k): v for k, v in sd.items()}
+        if len(stripped) == len(sd) and _fit(model, stripped) == ([], []):
+            changed = sorted({k[: len(k) - len(_strip(k))] for k in sd if _strip(k) != k})
+            ckpt.notes.append(f"{ckpt.path}: stripped the prefix {' and '.join(map(repr, changed))} from the "
+                              "checkpoint's keys to fit the model")
+            sd, missing, unexpected = stripped, [], []
+            ckpt.state_dict = sd
+    if missing or unexpected:
+        hint = ""
+        if any(_strip(k) != k for k in sd) or any(_strip(k) != k for k in model.state_dict()):
+            hint = " (keys differ by a module. / _orig_mod. prefix: save model.module.state_dict())"
+        raise CheckpointError(f"{ckpt.path} does not fit --model {factory!r}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}{hint}")
     try:
-        missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
+        model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt.path} does not fit --model {factory!r}: {str(e).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.path} does not fit --model {factory!r}: missing {list(missing)[:5]}, "
-                              f"unexpected {list(unexpected)[:5]}")
     return model

@@ -61,6 +61,46 @@ def encode_theta(group: Group, theta: Theta, dtype: torch.dtype | None = None) -
 
 
 # ----------------------------------------------------------------------------- save
+def tied(sd: Mapping[str, Tensor], first: list[str] | None = None) -> dict[str, str]:
+    """{alias: name} for state_dict entries that are the same tensor as another (tied weights, such
+    as an output layer sharing the embedding's); the name kept is the first in `first` (default:
+    state_dict order). Aliases are stored once and restored as views on load."""
+    order = list(dict.fromkeys([*(first or []), *sd]))
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k in order:
+        v = sd[k]
+        if v.numel() == 0:
+            continue
+        key = (v.device, v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if key in seen:
+            out[k] = seen[key]
+        else:
+            seen[key] = k
+    return out
+
+
+def cast_(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Group],
+          dtypes: Mapping[str, torch.dtype]) -> dict[str, Theta]:
+    """Cast state_dict entries to `dtypes` (name → floating dtype, e.g. the checkpoint's fp16) in
+    place; θ's floating parts take their group's dtype, and the compressed parameters are
+    rebuilt from the cast θ exactly as `load` rebuilds them. Returns the cast θ."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(dict(model.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for k, dt in dtypes.items():
+            if k in own and own[k].is_floating_point() and own[k].dtype != dt:
+                own[k].data = own[k].data.to(dt)
+        out = {}
+        for g in groups:
+            dt = own[g.params[0]].dtype
+            th = {k: (v.detach().to(dt) if v.is_floating_point() else v) for k, v in thetas[g.name].items()}
+            for p, t in g.scatter(g.scheme.decompress(th, g.shape)).items():
+                own[p].data = t.to(dt).clone().to(own[p].device)
+            out[g.name] = th
+    return out
+
+
 def _digest(t: Tensor) -> str:
     """BLAKE2b-64 of a tensor's dtype, shape and bytes: a change to any of them changes it."""
     h = hashlib.blake2b(f"{dtype_name(t.dtype)}{list(t.shape)}".encode(), digest_size=8)
@@ -83,7 +123,9 @@ def save(path: str | os.PathLike, source: nn.Module | Mapping[str, Tensor], thet
     compressed = {p for g in groups for p in g.params}
     if compressed - sd.keys():
         raise ArtifactError(f"compressed parameters {sorted(compressed - sd.keys())} are not in the model")
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items() if k not in compressed}
+    aliases = tied(sd, first=[*compressed, *sd])
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()
+               if k not in compressed and k not in aliases}
     entries = {}
     for g in groups:
         if g.name not in thetas:
@@ -95,6 +137,8 @@ def save(path: str | os.PathLike, source: nn.Module | Mapping[str, Tensor], thet
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "lccompress_version": __version__,
                 "recipe": recipe.to_dict() if recipe is not None else None, "groups": entries,
                 "digests": {k: _digest(v) for k, v in tensors.items()}}
+    if aliases:
+        manifest["aliases"] = aliases
     text = json.dumps(manifest, separators=(",", ":"))
     data = safetensors.torch.save(tensors, metadata={META_KEY: seal(text)})
     atomic_write(path, data)
@@ -230,6 +274,13 @@ def load(path: str | os.PathLike) -> Artifact:
             if k in sd:
                 raise ArtifactError(f"{path}: parameter {k!r} is stored both dense and compressed")
             sd[k] = t
+    aliases = m.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in aliases.items()):
+        raise ArtifactError(f"{path}: the manifest's aliases are malformed")
+    for alias, name in aliases.items():
+        if name not in sd or alias in sd:
+            raise ArtifactError(f"{path}: alias {alias!r} of {name!r} does not name one stored tensor")
+        sd[alias] = sd[name]
     recipe = None
     if m.get("recipe") is not None:
         try:
