@@ -29,8 +29,8 @@ from .lc_state import LCState, fingerprint
 from .recipe import Recipe
 from .schemes.base import Theta
 from .modelio import as_loss, as_metric
-from .train import (Guard, LossFn, MetricFn, as_data, copy_module, cosine, evaluate, resolve_device, seeded,
-                    train_epochs)
+from .train import Guard, LossFn, MetricFn, as_data, cosine, evaluate, resolve_device, seeded, train_epochs
+from .util import copy_module
 
 log = logging.getLogger("lccompress")
 

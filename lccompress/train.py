@@ -11,8 +11,6 @@ compression held fixed it runs the model with weights Δ(θ) (torch.func.functio
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
 import logging
 import math
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
@@ -108,17 +106,6 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
-
-
-def copy_module(model: nn.Module) -> nn.Module:
-    """An independent copy; a TorchScript module goes through save/load (deepcopy would leave
-    its parameters as non-leaf clones that an optimizer refuses)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        buf = io.BytesIO()
-        torch.jit.save(model, buf)
-        buf.seek(0)
-        return torch.jit.load(buf, map_location="cpu")
-    return copy.deepcopy(model)
 
 
 class Guard:

@@ -1,13 +1,17 @@
-"""Small helpers every layer shares: κ from a fraction or a count, weights as matrices, atomic writes."""
+"""Small helpers every layer shares: κ from a fraction or a count, weights as matrices, atomic writes,
+copies of modules (TorchScript included)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import os
 import tempfile
 from typing import BinaryIO, Callable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .errors import ConfigError
 
@@ -48,3 +52,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """An independent copy; a TorchScript module goes through save/load (deepcopy would leave
+    its parameters as non-leaf clones that an optimizer refuses)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location="cpu")
+    return copy.deepcopy(model)

@@ -51,3 +51,15 @@ def test_console_script_and_python_m_show_examples():
                 [sys.executable, "-m", "lccompress", "prune", "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "Example: lccompress" in r.stdout, (cmd, r.stderr)
+
+
+def test_help_imports_no_heavy_dependency():
+    """`lccompress --help` (and a command's help) pays for torch only: onnx, onnxruntime, scikit-learn,
+    safetensors and transformers load when a command uses them."""
+    code = ("import sys\nfrom lccompress.cli import main\n"
+            "for args in (['--help'], ['prune', '--help'], ['export', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "heavy = {'onnx', 'onnxruntime', 'sklearn', 'safetensors', 'transformers'}\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

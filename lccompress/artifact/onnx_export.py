@@ -24,12 +24,11 @@ densifies them at load anyway.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import io
 import json
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -41,7 +40,7 @@ from ..errors import ConfigError
 from ..modelio import Inputs, as_inputs, prediction
 from ..recipe import Group
 from ..schemes.base import Theta
-from ..util import atomic_write
+from ..util import atomic_write, copy_module
 from .container import META_KEY, encode_theta, split_lowrank_
 
 
@@ -160,15 +159,31 @@ def onnx_input_names(model: nn.Module, example: Inputs) -> list[str]:
     return names
 
 
-def default_dynamic_axes(example: Inputs, names: Sequence[str]) -> dict[str, dict[int, str]]:
-    """Axis 0 of every input is "batch"; axis 1 of integer and boolean inputs (token ids, masks)
-    with two or more dimensions is "seq"."""
-    out: dict[str, dict[int, str]] = {}
-    for name, t in zip(names, example.tensors()):
-        axes: dict[int, str] = {0: "batch"} if t.dim() >= 1 else {}
-        if t.dim() >= 2 and not t.is_floating_point() and not t.is_complex():
-            axes[1] = "seq"
-        out[name] = axes
+def default_dynamic_axes(example: Inputs, names: Sequence[str],
+                         call: Callable[..., Any] | None = None) -> dict[str, dict[int, str]]:
+    """Axis 0 of every input is "batch". Axis 1 is "seq" where the model runs with it changed: the
+    inputs whose axis 1 has the same length (token ids and their mask) are shortened (or lengthened)
+    together and `call(*tensors)` tried; without `call`, axis 1 of integer and boolean inputs."""
+    tensors = example.tensors()
+    out: dict[str, dict[int, str]] = {n: ({0: "batch"} if t.dim() >= 1 else {}) for n, t in zip(names, tensors)}
+    lengths = {int(t.shape[1]) for t in tensors if t.dim() >= 2}
+    for length in sorted(lengths):
+        members = [i for i, t in enumerate(tensors) if t.dim() >= 2 and t.shape[1] == length]
+        if call is None:
+            ok = all(not tensors[i].is_floating_point() for i in members)
+        else:
+            new = length - 1 if length >= 3 else length + 1
+            changed = [(t.narrow(1, 0, new) if new < length else torch.cat([t, t.narrow(1, length - 1, 1)], 1))
+                       if i in members else t for i, t in enumerate(tensors)]
+            try:
+                with torch.no_grad():
+                    call(*changed)
+                ok = True
+            except Exception:  # noqa: BLE001 - the model refuses another length: axis 1 is not a sequence
+                ok = False
+        if ok:
+            for i in members:
+                out[names[i]][1] = "seq"
     return out
 
 
@@ -210,7 +225,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     example = as_inputs(example_input).to(torch.device("cpu"))
     if not example.tensors():
         raise ConfigError("the example input holds no tensor to export a graph for")
-    m = copy.deepcopy(model).cpu().eval()
+    m = copy_module(model).cpu().eval()
     th = {g.name: {k: v.detach().cpu() for k, v in thetas[g.name].items()} for g in groups}
     params = dict(m.named_parameters())
     with torch.no_grad():
@@ -231,7 +246,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     outs_n = list(output_names or outs_n)
     axes: dict[str, dict[int, str]] = {}
     if dynamic_batch:
-        axes = {k: dict(v) for k, v in (dynamic_axes or default_dynamic_axes(example, ins)).items()}
+        axes = {k: dict(v) for k, v in (dynamic_axes or default_dynamic_axes(example, ins, graph.call)).items()}
         seq = {t.shape[d] for n, t in zip(ins, example.tensors()) for d, a in axes.get(n, {}).items() if a == "seq"}
         for name, t in zip(outs_n, outs):
             axes[name] = {0: "batch"} if t.dim() >= 1 else {}
@@ -241,7 +256,10 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, tuple(example.tensors()), buf, dynamo=False, opset_version=opset,
+            traced: nn.Module = graph
+            if isinstance(m, torch.jit.ScriptModule):  # the exporter traces plain modules only: trace it first
+                traced = torch.jit.trace(graph, tuple(example.tensors()), check_trace=False, strict=False)
+            torch.onnx.export(traced, tuple(example.tensors()), buf, dynamo=False, opset_version=opset,
                               do_constant_folding=False, input_names=ins, output_names=outs_n,
                               dynamic_axes=axes or None)
     except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; name the operator or argument
