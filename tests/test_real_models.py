@@ -111,6 +111,16 @@ def test_tied_embedding_is_compressed_once_and_stays_tied(ckpts, tmp_path):
     assert torch.equal(model.lm_head.weight, res.result.model.transformer.wte.weight)
     rows = {r["name"]: r for r in api.inspect(str(out)).layers}
     assert rows["lm_head.weight"]["scheme"] == "tied" and rows["lm_head.weight"]["bytes"] == 0
+    # in ONNX the embedding is decoded once and the output layer uses it: no dense copy of it anywhere
+    import onnx
+    from onnx import numpy_helper
+
+    path = tmp_path / "g.onnx"
+    r = api.export(str(out), str(path), f"{NETS}:gpt2", data_spec=f"{NETS}:gpt2_data")
+    assert r.max_rel < 1e-4
+    big = [t.name for t in onnx.load(str(path)).graph.initializer
+           if numpy_helper.to_array(t).size >= realnets.V * 32 and numpy_helper.to_array(t).dtype.kind == "f"]
+    assert big == []
 
 
 def test_hugging_face_defaults_pick_the_models_own_loss_and_perplexity(tmp_path):
