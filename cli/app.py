@@ -49,13 +49,19 @@ def guarded(status: int = 1) -> Callable[[Callable], Callable]:
                 message = f"{e.filename}: no such file"
             except PermissionError as e:
                 message = f"{e.filename}: permission denied"
+            except OSError as e:  # disk full, a directory where a file was expected, …
+                message = f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
             except KeyboardInterrupt:
-                message = "interrupted"
+                message = "interrupted" + (resume_hint if "resume" in kwargs else "")
             raise Failure(message, status) from None
 
         return wrapper
 
     return wrap
+
+
+resume_hint = ("; LC state up to the last completed step is kept: rerun the same command with --resume "
+               "to continue")
 
 
 class UsageError(click.ClickException):

@@ -52,8 +52,9 @@ class Reporter:
 
 
 def print_report(r: Mapping[str, Any], console: Console) -> None:
-    t = Table(title=f"{r['artifact']}: {r['artifact_bytes']:,} bytes on disk, "
-                    f"{r['compression_ratio']:.1f}× smaller than {r['reference_bytes']:,} dense bytes")
+    ratio = r["compression_ratio"]
+    than = f"{ratio:.1f}× smaller than" if ratio >= 1 else f"{1 / ratio:.1f}× LARGER than"
+    t = Table(title=f"{r['artifact']}: {r['artifact_bytes']:,} bytes on disk, {than} {r['reference_bytes']:,} dense bytes")
     for col in ("layer", "scheme", "params", "kept / k / rank", "bits", "bytes"):
         t.add_column(col, justify="left" if col in ("layer", "scheme", "kept / k / rank") else "right")
     for row in r["layers"]:

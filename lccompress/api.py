@@ -162,8 +162,12 @@ def onnx_eval(path: str | os.PathLike, loader: Iterable, metric: Metric) -> floa
     return float(metric.compute(pairs()))
 
 
-def check_output_path(out: Path) -> None:
-    """An output path is .safetensors or .onnx, in an existing writable directory."""
+def check_output_path(out: Path, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+    """An output path is .safetensors or .onnx, in an existing writable directory, and is none
+    of the command's `inputs` (an output never overwrites an input)."""
+    for i in inputs:
+        if i is not None and os.path.exists(i) and os.path.exists(out) and os.path.samefile(i, out):
+            raise ConfigError(f"-o {out}: is the input {i}; an output never overwrites an input")
     if out.suffix not in (".safetensors", ".onnx"):
         raise ConfigError(f"-o {out}: the output must end in .safetensors or .onnx")
     parent = out.parent if str(out.parent) else Path(".")
@@ -320,7 +324,7 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     t_start = time.perf_counter()
     ckpt_path = Path(job.checkpoint)
     out = Path(job.out) if job.out else Path(ckpt_path.stem + ".compressed.safetensors")
-    check_output_path(out)
+    check_output_path(out, [job.checkpoint])
     if job.report_path:
         rp = Path(job.report_path)
         if rp.suffix not in (".json", ".md"):
@@ -349,7 +353,7 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
         recipe = job.build_recipe([])
     else:
         recipe = job.build_recipe(select(subject, model is not None, job.include, job.exclude))
-    recipe.groups(subject)  # resolve now: a bad glob fails before any training
+    _refuse_growing_ranks(recipe.groups(subject))  # resolve now: a bad glob fails before any training
     device = resolve_device(job.device)
 
     loss_fn: Loss = as_loss("ce", job.output)
@@ -374,12 +378,33 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     finally:
         cb.end()
     report = _write_outputs(job, ck, model, result, recipe, data, device, out, metric, example)
+    for row in report["layers"]:
+        dense = sum(subject.get_parameter(p).numel() * subject.get_parameter(p).element_size() * 8
+                    for p in row["params"]) if not isinstance(subject, torch.jit.ScriptModule) else None
+        if dense is not None and row["bits"] >= dense:
+            cb.info(f"notice: {row['name']} takes {row['bits']:,} bits compressed, not fewer than its {dense:,} "
+                    "bits dense; --exclude it to keep it dense")
     if trains and state_dir.exists():
         shutil.rmtree(state_dir, ignore_errors=True)
     report["timings"]["total"] = time.perf_counter() - t_start
     if job.report_path:
         rep.write(job.report_path, report)
     return CompressOutcome(report, out, result)
+
+
+def _refuse_growing_ranks(groups: Sequence[Any]) -> None:
+    """A fixed rank whose factors r(m + n) are not fewer than the m·n dense weights: refused, naming
+    the layer and the largest rank that saves space (the user asked for a size that is no saving)."""
+    for g in groups:
+        if isinstance(g.scheme, LowRank):
+            m, n = g.shape[0], g.shape.numel() // max(1, g.shape[0])
+            r = min(g.scheme.rank, m, n)
+            if r * (m + n) >= m * n:
+                best = (m * n - 1) // (m + n)
+                hint = f"ranks ≤ {best} save space there" if best >= 1 else "no rank saves space there"
+                raise ConfigError(f"rank {g.scheme.rank}: {g.name} ({m}×{n} as a matrix) is smaller dense ({m * n:,} "
+                                  f"weights) than as rank-{r} factors ({r * (m + n):,}); {hint}: lower --rank "
+                                  f"or --exclude {g.params[0]}")
 
 
 def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", metric: str = "auto",
@@ -527,7 +552,7 @@ def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | Non
     out = Path(onnx_out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--onnx {out}: must end in .onnx")
-    check_output_path(out)
+    check_output_path(out, [artifact])
     art = load(artifact)
     model = load_into_(call_factory(model_spec), artifact)
     spec = ExampleSpec(input_shape, tuple(inputs), example)
@@ -619,8 +644,11 @@ def check(artifact: str, max_bytes: int | None = None, max_drop: float | None = 
 
     if max_bytes is None and max_drop is None:
         raise ConfigError("give at least one budget: --max-bytes or --max-drop")
-    if not Path(artifact).exists():
-        raise CheckpointError(f"{artifact}: no such file")
+    if max_drop is not None and not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
+        raise ConfigError(f"--max-drop {max_drop!r} must be a number ≥ 0")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ConfigError(f"--max-bytes {max_bytes!r} must be a whole number of bytes ≥ 0")
+    verify_artifact(artifact)
     checks = []
     if max_bytes is not None:
         size = disk_bytes(artifact)
@@ -646,6 +674,45 @@ def check(artifact: str, max_bytes: int | None = None, max_drop: float | None = 
         checks.append({"budget": "drop", "metric": metric_fn.name, "value": round(drop, 6), "limit": max_drop, "ok": drop <= max_drop,
                        "over": round(max(0.0, drop - max_drop), 6), "reference": ref_val, "compressed": new_val})
     return CheckOutcome(artifact, all(c["ok"] for c in checks), checks)
+
+
+def verify_artifact(path: str) -> str:
+    """Open and verify a file before judging it: a compressed artifact (manifest, every checksum,
+    every group rebuilt), a multi-level file, or an ONNX model (parsed and checked). Returns its
+    kind; anything else is an LCError."""
+    from .artifact import ArtifactError, load
+    from .artifact.multilevel import levels_summary
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not p.is_file():
+        raise ArtifactError(f"{path}: not a file")
+    if path.endswith(".onnx"):
+        import onnx
+
+        from .artifact.size import load_onnx
+
+        try:
+            onnx.checker.check_model(load_onnx(path))
+        except onnx.checker.ValidationError as e:
+            raise ArtifactError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
+        return "onnx"
+    if _is_artifact(path):
+        load(path)
+        return "artifact"
+    try:
+        levels_summary(path)
+        return "multilevel"
+    except LCError:
+        pass
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        pass
+    raise ArtifactError(f"{path}: not an lccompress artifact, multi-level file or ONNX model")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ----------------------------------------------------------------------------- sweep / multilevel / extract
@@ -695,7 +762,7 @@ def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool =
     from .artifact.multilevel import build_levels, levels_summary, save_multilevel
     from .fw import SFW_DEFAULTS, KSparsePolytope, sfw_refine
 
-    check_output_path(Path(out))
+    check_output_path(Path(out), [ckpt])
     ck = read_checkpoint(ckpt, trust=trust)
     model = build_model(ck, model_spec)
     subject = model if model is not None else state_module(ck.state_dict)
@@ -763,7 +830,7 @@ def extract(multi: str, level: int, out: str, *, model_spec: str | None = None,
             data_spec: str | None = None) -> ExtractOutcome:
     """One level of a multi-level file as a compressed artifact; with --model and --data, BatchNorm
     statistics are recalibrated for it."""
-    check_output_path(Path(out))
+    check_output_path(Path(out), [multi])
     if not Path(multi).exists():
         raise ConfigError(f"{multi}: no such file")
     model = call_factory(model_spec) if model_spec else None

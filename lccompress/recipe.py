@@ -145,6 +145,12 @@ class Recipe:
                 d = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such recipe file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a recipe file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid TOML (not UTF-8 text)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
         return cls.from_dict({"rules": d.get("rule", d.get("rules", []))})

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, DivergenceError
+from .errors import ConfigError, DivergenceError, LCError
 from .modelio import Inputs, Loss, Metric, accuracy, as_loss, as_metric, kl_distill, prediction, split_batch
 
 log = logging.getLogger("lccompress")
@@ -43,6 +43,27 @@ def distill_loss(kind: str = "kl", temperature: float = 1.0) -> Callable[[Tensor
 def cosine(e: int, total: int) -> float:
     """Cosine learning-rate factor of epoch e of `total`: ½(1 + cos(π·e/total))."""
     return 0.5 * (1 + math.cos(math.pi * e / max(1, total)))
+
+
+def batches(loader: Iterable, what: str) -> Iterator[Any]:
+    """The loader's batches; an exception raised by the loader itself (not by the model or the
+    loss) becomes one ConfigError naming the batch."""
+    try:
+        it = iter(loader)
+    except Exception as e:  # noqa: BLE001 - user code
+        raise ConfigError(f"the {what} data loader raised {type(e).__name__}: {e}") from None
+    i = 0
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except LCError:
+            raise
+        except Exception as e:  # noqa: BLE001 - user code
+            raise ConfigError(f"the {what} data loader raised {type(e).__name__} at batch {i}: {e}") from None
+        yield batch
+        i += 1
 
 
 def first_batch(loader: Iterable, what: str) -> Any:
@@ -196,7 +217,7 @@ def train_loop(
         stepper.set_lr(lr_factor(e) * guard.scale)
         total = torch.zeros((), device=device, dtype=torch.float64)
         count = 0
-        for batch in loader:
+        for batch in batches(loader, "training"):
             x, y = split_batch(batch, device)
             loss, obj = objective(x, y)
             stepper.zero_grad()
@@ -266,7 +287,7 @@ def evaluate(
     seen = [0]
 
     def pairs() -> Iterator[tuple[Any, Any]]:
-        for batch in loader:
+        for batch in batches(loader, "evaluation"):
             x, y = split_batch(batch, device)
             out = x(forward, y if m.own else None)
             seen[0] += 1

@@ -71,7 +71,7 @@ class SizeReport:
         return sum(g.dense_bits for g in self.groups)
 
 
-def _load_onnx(path: str) -> onnx.ModelProto:
+def load_onnx(path: str) -> onnx.ModelProto:
     """The ONNX model's protobuf (without external data); ArtifactError when it does not parse."""
     try:
         return onnx.load(path, load_external_data=False)
@@ -86,7 +86,7 @@ def disk_bytes(path: str | os.PathLike) -> int:
     path = os.fspath(path)
     total = os.stat(path).st_size
     if path.endswith(".onnx"):
-        m = _load_onnx(path)
+        m = load_onnx(path)
         locs = {e.value for t in _onnx_tensors(m.graph) for e in t.external_data if e.key == "location"}
         total += sum(os.stat(os.path.join(os.path.dirname(path), loc)).st_size for loc in locs)
     return total
@@ -154,7 +154,7 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def _onnx_report(path: str) -> SizeReport:
-    m = _load_onnx(path)
+    m = load_onnx(path)
     out, claimed = [], set()
     try:
         nbytes = {t.name: _tensor_bytes(t) for t in _onnx_tensors(m.graph)}
