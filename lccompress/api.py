@@ -695,7 +695,7 @@ def verify_artifact(path: str) -> str:
 
         try:
             onnx.checker.check_model(load_onnx(path))
-        except onnx.checker.ValidationError as e:
+        except (onnx.checker.ValidationError, ValueError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path}: not a valid ONNX model ({_first_line(e)})") from None
         return "onnx"
     if _is_artifact(path):
@@ -799,7 +799,7 @@ def extract_artifact(path: str | os.PathLike, level: int, out: str | os.PathLike
     from .artifact import save
     from .artifact.multilevel import extract as extract_level, read_meta
 
-    meta = read_meta(path)
+    meta = read_meta(path)  # validated (seal, digests, shapes) before anything is decoded
     sd = extract_level(path, level)
     if model is not None and loader is not None:
         model.load_state_dict(sd)

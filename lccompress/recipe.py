@@ -163,6 +163,6 @@ class Recipe:
                 r = dict(r)
                 params, joint = r.pop("params"), bool(r.pop("joint", False))
                 rules.append(Rule(tuple([params] if isinstance(params, str) else params), scheme_from_dict(r), joint))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"a recipe needs rules with params and scheme: {e}") from None
         return cls(tuple(rules))

@@ -101,7 +101,7 @@ def cast_(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Group],
     return out
 
 
-def _digest(t: Tensor) -> str:
+def digest(t: Tensor) -> str:
     """BLAKE2b-64 of a tensor's dtype, shape and bytes: a change to any of them changes it."""
     h = hashlib.blake2b(f"{dtype_name(t.dtype)}{list(t.shape)}".encode(), digest_size=8)
     h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -136,7 +136,7 @@ def save(path: str | os.PathLike, source: nn.Module | Mapping[str, Tensor], thet
         tensors.update(stored)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "lccompress_version": __version__,
                 "recipe": recipe.to_dict() if recipe is not None else None, "groups": entries,
-                "digests": {k: _digest(v) for k, v in tensors.items()}}
+                "digests": {k: digest(v) for k, v in tensors.items()}}
     if aliases:
         manifest["aliases"] = aliases
     text = json.dumps(manifest, separators=(",", ":"))
@@ -236,7 +236,7 @@ def load(path: str | os.PathLike) -> Artifact:
     for k, t in raw.items():
         if k not in digests:
             raise ArtifactError(f"{path}: tensor {k!r} is in the file but not in the manifest")
-        if _digest(t.contiguous()) != digests[k]:
+        if digest(t.contiguous()) != digests[k]:
             raise ArtifactError(f"{path}: tensor {k!r} fails its checksum; the file is corrupted or was changed")
     thetas, groups, sd = {}, [], {}
     claimed: set[str] = set()

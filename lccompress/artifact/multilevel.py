@@ -11,7 +11,13 @@ mask (no retraining):
                         <name>.Vh (q, n), q = min(m, n), and W = U·diag(S)·Vh)
     <name>.level        uint8 level ids: weight's shape ("weight"), (out,) ("filter"), (q,) ("rank")
     __metadata__["lccompress.multilevel"]   JSON: format, version, structure, scope, the levels
-                        [{"level": j, "keep": keeps[j−1]}], per parameter its shape
+                        [{"level": j, "keep": keeps[j−1]}], per parameter its shape, a BLAKE2b-64
+                        digest of every tensor, sealed by a digest of the JSON itself (as the
+                        compressed artifact's manifest; version 1 files, unsealed, still read)
+
+Reading validates everything before use: the seal and digests, the metadata's types, every
+parameter's tensors and their shapes against the metadata (so no decode allocates more than the
+file's tensors imply); every failure is an `ArtifactError`.
 
 Within a scope (all parameters together, "global", or each alone, "layer") the units are ranked
 by score (|w|, row ℓ2 norm, σ), ties by position; level j keeps the first κⱼ = max(1, round(keepⱼ·N)).
@@ -31,9 +37,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..util import as_matrix, atomic_write, kappa
+from .container import ArtifactError, digest, seal, unseal
 
 FORMAT = "lccompress.multilevel"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_KEY = "lccompress.multilevel"
 STRUCTURES = ("weight", "filter", "rank")
 SUFFIXES = (".level", ".U", ".S", ".Vh")
@@ -148,53 +155,120 @@ def save_multilevel(path: str | os.PathLike, model: nn.Module, levels: Levels) -
     tensors.update(sd)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "structure": levels.structure,
             "scope": levels.scope, "levels": [{"level": j + 1, "keep": a} for j, a in enumerate(levels.keeps)],
-            "params": shapes}
-    data = safetensors.torch.save(tensors, metadata={META_KEY: json.dumps(meta, separators=(",", ":"))})
+            "params": shapes, "digests": {k: digest(v) for k, v in tensors.items()}}
+    data = safetensors.torch.save(tensors, metadata={META_KEY: seal(json.dumps(meta, separators=(",", ":")))})
     atomic_write(path, data)
     return len(data)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of a multi-level file (levels, structure, scope, parameter shapes)."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(META_KEY)
-    if text is None:
-        raise ConfigError(f"{os.fspath(path)!r} is not a multi-level file (no {META_KEY!r} metadata)")
-    meta = json.loads(text)
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{os.fspath(path)!r} has format {meta.get('format')!r} version "
-                          f"{meta.get('format_version')!r}; this reads {FORMAT!r} version {FORMAT_VERSION}")
-    return meta
+    """The validated metadata of a multi-level file (levels, structure, scope, parameter shapes)."""
+    return read(path)[0]
+
+
+def _bad(path: Any, what: str) -> ArtifactError:
+    return ArtifactError(f"{os.fspath(path)}: {what}")
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, tensors) of a multi-level file, everything checked: the seal and every digest
+    (version 2), the metadata's types, and each parameter's tensors against its shape."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(META_KEY)
+            if text is None:
+                raise _bad(path, f"not a multi-level file (no {META_KEY!r} metadata)")
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except (FileNotFoundError, ArtifactError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors, OSError, …
+        raise _bad(path, f"not a readable safetensors file ({type(e).__name__})") from None
+    sealed = unseal(text)
+    try:
+        meta = json.loads(sealed if sealed is not None else text)
+    except json.JSONDecodeError:
+        raise _bad(path, "the multi-level metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") not in (1, 2):
+        got = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else meta
+        raise _bad(path, f"format {got!r}; this reads {FORMAT!r} versions 1–{FORMAT_VERSION}")
+    if meta["format_version"] >= 2:
+        if sealed is None:
+            raise _bad(path, "the metadata fails its checksum; the file is corrupted or was changed")
+        digests = meta.get("digests")
+        if not isinstance(digests, dict) or set(digests) != set(raw):
+            raise _bad(path, "the metadata's digests do not name the file's tensors")
+        for k, t in raw.items():
+            if digest(t.contiguous()) != digests[k]:
+                raise _bad(path, f"tensor {k!r} fails its checksum; the file is corrupted or was changed")
+    _validate(path, meta, raw)
+    return meta, raw
+
+
+def _validate(path: Any, meta: dict[str, Any], raw: dict[str, Tensor]) -> None:
+    structure, levels, params = meta.get("structure"), meta.get("levels"), meta.get("params")
+    if structure not in STRUCTURES or meta.get("scope") not in ("global", "layer"):
+        raise _bad(path, f"structure {structure!r} / scope {meta.get('scope')!r} unknown")
+    if not isinstance(levels, list) or not 1 <= len(levels) <= 255 or not all(
+            isinstance(lv, dict) and lv.get("level") == j + 1 and isinstance(lv.get("keep"), (int, float))
+            and not isinstance(lv.get("keep"), bool) and 0 < lv["keep"] <= 1 for j, lv in enumerate(levels)):
+        raise _bad(path, "the levels are malformed")
+    if not isinstance(params, dict) or not params:
+        raise _bad(path, "the metadata names no parameters")
+    for n, shape in params.items():
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                          for d in shape)):
+            raise _bad(path, f"parameter {n!r} has a malformed shape {shape!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        ids = raw.get(f"{n}.level")
+        if ids is None or ids.dtype != torch.uint8:
+            raise _bad(path, f"parameter {n!r} has no uint8 level ids")
+        if structure == "rank":
+            parts = [raw.get(f"{n}.{s}") for s in ("U", "S", "Vh")]
+            if any(t is None or not t.is_floating_point() for t in parts) or len(shape) < 2:
+                raise _bad(path, f"parameter {n!r} lacks its SVD factors")
+            U, S, Vh = parts
+            m, k = shape[0], numel // shape[0]
+            q = min(m, k)
+            if U.shape != (m, q) or S.shape != (q,) or Vh.shape != (q, k) or ids.shape != (q,):
+                raise _bad(path, f"parameter {n!r}: factor shapes do not fit its shape {shape}")
+        else:
+            w = raw.get(n)
+            want = tuple(shape) if structure == "weight" else (shape[0],)
+            if w is None or list(w.shape) != shape or tuple(ids.shape) != want:
+                raise _bad(path, f"parameter {n!r}: tensors do not fit its shape {shape}")
+    top = max(int(raw[f"{n}.level"].max()) if raw[f"{n}.level"].numel() else 0 for n in params)
+    if top != len(levels):  # every level keeps a unit, and no unit claims a level that is not there
+        raise _bad(path, f"the level ids reach level {top}, the metadata lists {len(levels)} levels")
 
 
 def extract(path: str | os.PathLike, level: int) -> dict[str, Tensor]:
     """The state_dict at `level` (0 = dense): units with level id < level are zero (weights,
     rows) or dropped (singular triplets); everything else as stored."""
-    meta = read_meta(path)
+    meta, raw = read(path)
     _check_level(level, len(meta["levels"]))
     out: dict[str, Tensor] = {}
-    with safe_open(os.fspath(path), framework="pt") as f:
-        keys = set(f.keys())
-        for n, shape in meta["params"].items():
-            keep = f.get_tensor(f"{n}.level") >= level
-            if meta["structure"] == "rank":
-                U, S, Vh = (f.get_tensor(f"{n}.{s}") for s in ("U", "S", "Vh"))
-                out[n] = ((U[:, keep] * S[keep]) @ Vh[keep]).reshape(shape)
-            else:
-                w = f.get_tensor(n)
-                m = keep if meta["structure"] == "weight" else keep.reshape(-1, *[1] * (w.dim() - 1))
-                out[n] = w * m
-            keys -= {n + s for s in SUFFIXES} | {n}
-        for k in keys:
-            out[k] = f.get_tensor(k)
+    keys = set(raw)
+    for n, shape in meta["params"].items():
+        keep = raw[f"{n}.level"] >= level
+        if meta["structure"] == "rank":
+            U, S, Vh = (raw[f"{n}.{s}"] for s in ("U", "S", "Vh"))
+            out[n] = ((U[:, keep] * S[keep]) @ Vh[keep]).reshape(shape)
+        else:
+            w = raw[n]
+            m = keep if meta["structure"] == "weight" else keep.reshape(-1, *[1] * (w.dim() - 1))
+            out[n] = w * m
+        keys -= {n + s for s in SUFFIXES} | {n}
+    for k in keys:
+        out[k] = raw[k]
     return out
 
 
 def levels_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Per level: its keep fraction and the units it keeps, from the stored level ids."""
-    meta = read_meta(path)
-    with safe_open(os.fspath(path), framework="pt") as f:
-        ids = torch.cat([f.get_tensor(f"{n}.level").reshape(-1) for n in meta["params"]])
+    meta, raw = read(path)
+    ids = torch.cat([raw[f"{n}.level"].reshape(-1) for n in meta["params"]])
     return [{"level": 0, "keep": 1.0, "units": ids.numel()}] + [
         {**lv, "units": int((ids >= lv["level"]).sum())} for lv in meta["levels"]]
 

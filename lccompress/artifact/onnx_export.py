@@ -42,6 +42,7 @@ from ..recipe import Group
 from ..schemes.base import Theta
 from ..util import atomic_write, copy_module
 from .container import META_KEY, encode_theta, split_lowrank_
+from .size import SEAL_KEY, onnx_seal
 
 
 class _Builder:
@@ -305,6 +306,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     del mp.graph.node[:]
     mp.graph.node.extend(nodes)
     helper.set_model_props(mp, {META_KEY: json.dumps(meta, separators=(",", ":"))})
+    helper.set_model_props(mp, {META_KEY: json.dumps(meta, separators=(",", ":")), SEAL_KEY: onnx_seal(mp)})
     if mp.ByteSize() >= 2**31:
         raise ConfigError(f"the ONNX model is {mp.ByteSize()} bytes; files over 2 GiB need external data, not supported")
     onnx.checker.check_model(mp)

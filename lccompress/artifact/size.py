@@ -8,6 +8,7 @@ bytes include external data files (`.onnx.data`) when there are any.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -71,14 +72,35 @@ class SizeReport:
         return sum(g.dense_bits for g in self.groups)
 
 
+SEAL_KEY = "lccompress.seal"  # BLAKE2b-64 of the rest of the model
+
+
+def onnx_seal(model: onnx.ModelProto) -> str:
+    """BLAKE2b-64 of the whole model (graph, opsets, metadata) without its seal property."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = [p for p in m.metadata_props if p.key != SEAL_KEY]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    return hashlib.blake2b(m.SerializeToString(), digest_size=8).hexdigest()
+
+
 def load_onnx(path: str) -> onnx.ModelProto:
-    """The ONNX model's protobuf (without external data); ArtifactError when it does not parse."""
+    """The ONNX model's protobuf (without external data), checked against its lccompress seal when
+    it has one (files from `export_onnx`); ArtifactError when it does not parse or was changed."""
     try:
-        return onnx.load(path, load_external_data=False)
+        m = onnx.load(path, load_external_data=False)
+        props = {p.key: p.value for p in m.metadata_props}
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, RuntimeError, ...
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, RuntimeError, UnicodeDecodeError, ...
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
+    if not all(isinstance(v, str) for v in props.values()):
+        raise ArtifactError(f"{path}: its metadata is not text; the file is corrupted")
+    if (SEAL_KEY in props or META_KEY in props) and props.get(SEAL_KEY) != onnx_seal(m):
+        raise ArtifactError(f"{path}: the graph or its lccompress metadata fails its checksum; the file is "
+                            "corrupted or was changed")
+    return m
 
 
 def disk_bytes(path: str | os.PathLike) -> int:
@@ -131,10 +153,13 @@ def _safetensors_report(path: str) -> SizeReport:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file: {e}") from None
     out, claimed = [], set()
-    for name, e in manifest["groups"].items():
-        names = [f"{name}.{k}" for k in e["parts"]]
-        claimed.update(names)
-        out.append(_group_size(name, e, 8 * sum(nbytes.get(t, 0) for t in names)))
+    try:
+        for name, e in manifest["groups"].items():
+            names = [f"{name}.{k}" for k in e["parts"]]
+            claimed.update(names)
+            out.append(_group_size(name, e, 8 * sum(nbytes.get(t, 0) for t in names)))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: a group's manifest entry is malformed ({type(e).__name__}: {e})") from None
     dense = 8 * sum(b for k, b in nbytes.items() if k not in claimed)
     return SizeReport(tuple(out), dense, 8 + n, disk_bytes(path))
 
@@ -163,7 +188,7 @@ def _onnx_report(path: str) -> SizeReport:
         for name, e in entries.items():
             claimed.update(e["initializers"])
             out.append(_group_size(name, e, 8 * sum(nbytes.get(t, 0) for t in e["initializers"])))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: its lccompress metadata is unreadable ({type(e).__name__}: {e})") from None
     total = disk_bytes(path)
     dense = 8 * sum(b for k, b in nbytes.items() if k not in claimed)

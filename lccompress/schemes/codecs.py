@@ -195,9 +195,14 @@ def decode_part(s: Tensor, info: Mapping[str, Any], n: int) -> Tensor:
     """A stored part back as θ's tensor, by the encoding its manifest entry names."""
     dtype_of(info.get("dtype"))
     enc = info.get("enc")
-    if enc not in DECODERS:
+    if not isinstance(enc, str) or enc not in DECODERS:
         raise ValueError(f"has unknown encoding {enc!r}")
-    return DECODERS[enc].decode(s, info, n)
+    try:
+        return DECODERS[enc].decode(s, info, n)
+    except ValueError:
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"has a malformed {enc!r} entry ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- ONNX decoders

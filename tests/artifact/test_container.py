@@ -405,7 +405,7 @@ def test_wrong_shape_in_manifest(artifact):
 
 
 def test_wrong_tensor_shape(artifact):
-    from lccompress.artifact.container import _digest
+    from lccompress.artifact.container import digest as _digest
 
     short = torch.sort(torch.randn(3)).values  # a 3-entry codebook where the manifest says 4
 
