@@ -35,6 +35,10 @@ FORMAT = "lccompress.artifact"
 FORMAT_VERSION = 1
 META_KEY = "lccompress"
 DIGEST_FIELD = ',"manifest_digest":"'
+# Decoded weights per stored byte that `load` accepts. Real θs stay far below: a 1-bit codebook
+# decodes 8 weights per byte, a mask 8, pruning at 0.1 % about 100–200, a rank-1 4096² layer 512.
+MAX_EXPANSION = 4096
+MIN_BUDGET = 256  # bytes: tiny files may still decode tiny models
 
 
 class ArtifactError(LCError, ValueError):
@@ -240,8 +244,14 @@ def load(path: str | os.PathLike) -> Artifact:
             raise ArtifactError(f"{path}: tensor {k!r} fails its checksum; the file is corrupted or was changed")
     thetas, groups, sd = {}, [], {}
     claimed: set[str] = set()
+    parsed = {name: _group(name, e, path) for name, e in m["groups"].items()}
+    stored = sum(t.numel() * t.element_size() for t in raw.values())
+    claim = sum(g.shape.numel() for g in parsed.values())
+    if claim > MAX_EXPANSION * max(stored, MIN_BUDGET):  # before anything is decoded or allocated
+        raise ArtifactError(f"{path}: the manifest claims {claim:,} weights from {stored:,} stored bytes, more than "
+                            f"{MAX_EXPANSION:,} per byte; the manifest is corrupted or forged")
     for name, e in m["groups"].items():
-        g = _group(name, e, path)
+        g = parsed[name]
         parts = e.get("parts")
         if not isinstance(parts, dict):
             raise ArtifactError(f"{path}: group {name!r} has no parts in the manifest")

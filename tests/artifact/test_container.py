@@ -456,3 +456,14 @@ def test_float64_model_keeps_its_dtype(tmp_path):
     save(tmp_path / "m.safetensors", res.model, res.thetas, res.groups)
     sd = load(tmp_path / "m.safetensors").state_dict
     assert all(same(sd[k], v) for k, v in res.model.state_dict().items())
+
+
+def test_a_manifest_claiming_a_huge_shape_is_refused_before_decoding(artifact):
+    """A resealed manifest (valid checksum) saying a pruned layer is 2^20 × 2^20: refused from the
+    stored bytes alone, without allocating the claimed 4 TiB."""
+    def huge(m):
+        for e in m["groups"].values():
+            e["shapes"] = [[1 << 20, 1 << 20] for _ in e["shapes"]]
+
+    _rewrite(artifact, edit_manifest=huge)
+    _raises(artifact, r"claims [\d,]{17,} weights from [\d,]+ stored bytes")
