@@ -29,7 +29,8 @@ from .lc_state import LCState, fingerprint
 from .recipe import Recipe
 from .schemes.base import Theta
 from .modelio import as_loss, as_metric
-from .train import Guard, LossFn, MetricFn, as_data, cosine, evaluate, resolve_device, seeded, train_epochs
+from .train import (Guard, LossFn, MetricFn, as_data, cosine, evaluate, loader_generators, resolve_device, seeded,
+                    train_epochs)
 from .util import copy_module
 
 log = logging.getLogger("lccompress")
@@ -111,6 +112,13 @@ class _Run:
             for n, t in st["weights"].items():
                 self.params[n].copy_(t)
         torch.set_rng_state(st["rng"])
+        gens = loader_generators(self.data)
+        saved = st.get("loader_rng", [])
+        if len(saved) != len(gens):
+            raise ConfigError(f"--resume: the data loaders hold {len(gens)} random generators, the saved run "
+                              f"{len(saved)}; the batches would come in another order (start afresh without --resume)")
+        for g, state in zip(gens, saved):
+            g.set_state(state)
         if self.device.type == "cuda" and st.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         self.guard.failures, self.guard.scale = st["guard"]
@@ -125,6 +133,7 @@ class _Run:
         self.state.save({
             "step": step, "weights": cpu(self.weights()), "thetas": {g: cpu(th) for g, th in thetas.items()},
             "lam": cpu(lam), "rng": torch.get_rng_state(),
+            "loader_rng": [g.get_state() for g in loader_generators(self.data)],
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "guard": [self.guard.failures, self.guard.scale], "history": [asdict(h) for h in self.history]})
 

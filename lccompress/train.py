@@ -66,6 +66,26 @@ def batches(loader: Iterable, what: str) -> Iterator[Any]:
         i += 1
 
 
+def loader_generators(data: Mapping[str, Any]) -> list[torch.Generator]:
+    """The torch.Generators that shape the order of the loaders' batches — a DataLoader's own, its
+    sampler's, its batch sampler's sampler's — once each, in a fixed order (for exact resume)."""
+    found: list[torch.Generator] = []
+
+    def visit(obj: Any, depth: int = 0) -> None:
+        if obj is None or depth > 3:
+            return
+        if isinstance(obj, torch.Generator):
+            if all(obj is not g for g in found):
+                found.append(obj)
+            return
+        for attr in ("generator", "sampler", "batch_sampler", "loader"):
+            visit(getattr(obj, attr, None), depth + 1)
+
+    for key in sorted(data):
+        visit(data[key])
+    return found
+
+
 def first_batch(loader: Iterable, what: str) -> Any:
     """The loader's first batch; a loader that is empty or raises becomes one clear ConfigError."""
     try:
