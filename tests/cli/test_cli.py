@@ -221,10 +221,14 @@ def test_bad_input_gives_one_line_no_traceback_no_output(fx, tmp_path):
         assert not list(tmp_path.glob("out.safetensors*")), name
 
 
-def test_sigkill_then_resume_gives_the_same_bytes(fx, tmp_path):
+@pytest.mark.parametrize("command,sig", [(["quantize", "--codebook", "2"], signal.SIGKILL),
+                                         (["prune", "--keep", "0.1"], signal.SIGINT),
+                                         (["lowrank", "--rank", "4"], signal.SIGKILL)],
+                         ids=["codebook-sigkill", "prune-sigint", "lowrank-sigkill"])
+def test_interrupt_mid_epoch_then_resume_gives_the_same_bytes(fx, tmp_path, command, sig):
     def cmd(out, *extra):
-        return [sys.executable, "-m", "lccompress", "quantize", fx["ckpt"], "--codebook", "2", "--model",
-                fx["model"], "--data", fx["data"], "--steps", "6", "--epochs", "2", "--first-epochs", "2",
+        return [sys.executable, "-m", "lccompress", command[0], fx["ckpt"], *command[1:], "--model",
+                fx["model"], "--data", fx["data"], "--steps", "6", "--epochs", "3", "--first-epochs", "2",
                 "--device", "cpu", "-o", str(out), *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
@@ -233,15 +237,20 @@ def test_sigkill_then_resume_gives_the_same_bytes(fx, tmp_path):
     out = tmp_path / "cut.safetensors"
     state = tmp_path / "cut.safetensors.lcstate" / "lc_state.pt"
     p = subprocess.Popen(cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:  # kill it mid-way, after step 2 of 6 was saved
+    said = []
+    for line in p.stdout:  # interrupt inside step 3 of 6, after step 2 was saved
         if line.startswith("step 2/6"):
             deadline = time.time() + 30
             while not state.exists() and time.time() < deadline:
                 time.sleep(0.01)
-            os.kill(p.pid, signal.SIGKILL)
+            time.sleep(0.05)  # into the next L step's epochs
+            os.kill(p.pid, sig)
             break
+    said = p.stdout.read()
     p.wait()
-    assert p.returncode == -signal.SIGKILL and not out.exists() and state.exists()
+    assert p.returncode != 0 and not out.exists() and state.exists()
+    if sig == signal.SIGINT:
+        assert "--resume" in said and "Traceback" not in said
     subprocess.run(cmd(out, "--resume"), check=True, env=env, capture_output=True)
     assert out.read_bytes() == whole.read_bytes()
 
