@@ -362,8 +362,15 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
         model.to(device).eval()
         data, loss_fn, metric = make_task(model, data, job.loss, job.metric, job.output, device)
     example = ExampleSpec(job.input_shape, job.inputs, job.example)
-    if out.suffix == ".onnx":
-        example.resolve(data, "ONNX export")  # a missing or bad example fails before any training
+    if out.suffix == ".onnx":  # a missing or unfitting example fails before any training
+        x, _ = example.resolve(data, "ONNX export")
+        try:
+            with torch.no_grad():
+                dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+                x.to(dev)(model.eval())  # eval mode: no statistics change
+        except Exception as e:  # noqa: BLE001 - the user's model on the user's example
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"the model fails on the ONNX example input: {msg}") from None
 
     cfg = LCConfig(steps=job.steps, epochs=job.epochs, first_epochs=job.first_epochs, lr=job.lr, mu0=job.mu0,
                    mu_growth=job.mu_growth, penalty=job.penalty)

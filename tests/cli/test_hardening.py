@@ -113,3 +113,11 @@ def test_ctrl_c_names_resume(fx, tmp_path, monkeypatch):
     monkeypatch.setattr(api, "compress_checkpoint", interrupted)
     r = run("prune", fx["ckpt"], "--keep", "0.2", "-o", tmp_path / "o.safetensors")
     assert r.exit_code == 1 and "--resume" in r.output
+
+
+def test_an_example_input_that_does_not_fit_fails_before_training(fx, tmp_path):
+    out = tmp_path / "o.onnx"
+    r = run("prune", fx["ckpt"], "--keep", "0.2", "--model", fx["model"], "--data", fx["data"], "--input-shape", "1,5",
+            "--steps", "40", "-o", out)
+    assert r.exit_code == 1 and "fails on the ONNX example input" in r.output
+    assert "step 1/" not in r.output and not out.exists()  # no LC step ran
