@@ -441,6 +441,7 @@ def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", met
         loss_fn = as_loss(loss, output)
     else:
         loss_fn = as_loss(load_callable(loss, "--loss"), output)
+    probe = "eval" if "eval" in data else "train"
     for split in data:
         b = first_batch(data[split], split)
         try:
@@ -450,7 +451,7 @@ def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", met
                     if y is None and not loss_fn.own:
                         raise ConfigError(f"the train batches have no targets; --loss {loss_fn.name} needs them "
                                           "(or use --loss distill)")
-                    loss_fn.on(model, x, y)
+                    _, out = loss_fn.on(model, x, y)
                 else:
                     out = x(model, y if loss_fn.own else None)
         except LCError as e:
@@ -458,10 +459,9 @@ def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", met
         except Exception as e:  # noqa: BLE001 - shapes, dtypes, anything user data can get wrong
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"--data: a {split} batch does not fit the model or the loss: {msg}") from None
-    probe = "eval" if "eval" in data else "train"
-    x, y = split_batch(first_batch(data[probe], probe), device)
-    with torch.no_grad():
-        out = x(model, y if loss_fn.own else None)
+        if split == probe:  # the batch the metric is chosen and tried on
+            probe_batch = (x, y, out)
+    x, y, out = probe_batch
     if metric == "auto":
         m = default_metric(loss_fn, out, y, x)
     elif metric in METRICS:
