@@ -236,7 +236,9 @@ def test_interrupt_mid_epoch_then_resume_gives_the_same_bytes(fx, tmp_path, comm
     subprocess.run(cmd(whole), check=True, env=env, capture_output=True)
     out = tmp_path / "cut.safetensors"
     state = tmp_path / "cut.safetensors.lcstate" / "lc_state.pt"
-    p = subprocess.Popen(cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a shell's background job starts with SIGINT ignored; the child gets the default, as at a terminal
+    p = subprocess.Popen(cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:  # interrupt inside step 2 of 4 (8 epochs), after step 1 was saved
         if line.startswith("step 1/4"):
             deadline = time.time() + 30
