@@ -361,9 +361,10 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     if data:
         model.to(device).eval()
         data, loss_fn, metric = make_task(model, data, job.loss, job.metric, job.output, device)
-    example = ExampleSpec(job.input_shape, job.inputs, job.example)
+    example = None
     if out.suffix == ".onnx":  # a missing or unfitting example fails before any training
-        x, _ = example.resolve(data, "ONNX export")
+        example = ExampleSpec(job.input_shape, job.inputs, job.example).resolve(data, "ONNX export")
+        x = example[0]
         try:
             with torch.no_grad():
                 dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -480,13 +481,14 @@ def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", met
 
 
 def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, data, device, out: Path,
-                   metric_fn: Metric, example: ExampleSpec) -> dict[str, Any]:
+                   metric_fn: Metric, example: tuple[Inputs, dict[str, dict[int, str]] | None] | None
+                   ) -> dict[str, Any]:
     from .artifact import disk_bytes, export_onnx, save, size_report, verify_onnx
     from .artifact.container import cast_
 
     onnx_metric, onnx_diff = None, None
     if out.suffix == ".onnx":
-        x, axes = example.resolve(data, "ONNX export")
+        x, axes = example
         export_onnx(result.model.cpu(), result.thetas, result.groups, x, out, dynamic_axes=axes, output=job.output)
         onnx_diff = verify_onnx(out, result.model, x, output=job.output)["max_rel"]
         if "eval" in data:

@@ -58,10 +58,6 @@ class Inputs:
     def tensors(self) -> list[Tensor]:
         return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, Tensor)]
 
-    def batch_size(self) -> int:
-        ts = [t for t in self.tensors() if t.dim() > 0]
-        return int(ts[0].shape[0]) if ts else 1
-
 
 def as_inputs(v: Any) -> Inputs:
     """Inputs from a tensor, a tuple/list of positional arguments or a dict of keyword arguments."""
@@ -91,11 +87,6 @@ def split_batch(batch: Any, device: torch.device | None = None) -> tuple[Inputs,
         raise ConfigError(f"a batch must be inputs, (inputs, targets) or a dict of model arguments; got "
                           f"{type(batch).__name__}{what}")
     return (x.to(device), _to(y, device)) if device is not None else (x, y)
-
-
-def batch_inputs(batch: Any) -> Inputs:
-    """The inputs of a batch (its targets dropped)."""
-    return split_batch(batch)[0]
 
 
 def _to(v: Any, device: torch.device) -> Any:

@@ -305,8 +305,9 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     nodes = b.nodes + list(mp.graph.node)
     del mp.graph.node[:]
     mp.graph.node.extend(nodes)
-    helper.set_model_props(mp, {META_KEY: json.dumps(meta, separators=(",", ":"))})
-    helper.set_model_props(mp, {META_KEY: json.dumps(meta, separators=(",", ":")), SEAL_KEY: onnx_seal(mp)})
+    text = json.dumps(meta, separators=(",", ":"))
+    helper.set_model_props(mp, {META_KEY: text})  # the seal covers the model with this metadata
+    helper.set_model_props(mp, {META_KEY: text, SEAL_KEY: onnx_seal(mp)})
     if mp.ByteSize() >= 2**31:
         raise ConfigError(f"the ONNX model is {mp.ByteSize()} bytes; files over 2 GiB need external data, not supported")
     onnx.checker.check_model(mp)
