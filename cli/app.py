@@ -108,9 +108,16 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--method", type=click.Choice(list(METHODS)),
                      help="Default: lc with --data, dc without. sfw: Frank-Wolfe refinement, then one-shot."),
         click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="LC / iDC steps."),
-        click.option("--epochs", type=click.IntRange(min=0), default=5, show_default=True, help="Epochs per L step."),
-        click.option("--first-epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Epochs of the first L step."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True, help="SGD learning rate."),
+        click.option("--epochs", type=click.FloatRange(min=0),
+                     help="Epochs per L step, fractions allowed [default: 5, the run capped at 5,000 optimizer steps]."),
+        click.option("--first-epochs", type=click.FloatRange(min=0), help="Epochs of the first L step [default: 2 × --epochs]."),
+        click.option("--budget", type=click.IntRange(min=1),
+                     help="Optimizer steps for the whole run, split over the L steps (the first takes two shares)."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+                     help="L-step optimizer; with adamw LC's pull is an exact proximal step."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate [default: 0.05 sgd, 1e-3 adamw]."),
+        click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
+                     help="Mixed precision in the L steps (autocast; fp16 with a gradient scaler, CUDA only)."),
         click.option("--mu0", type=click.FloatRange(min=0, min_open=True), help="First μ (default: per scheme family)."),
         click.option("--mu-growth", type=click.FloatRange(min=0, min_open=True), help="μ growth per step (default: per family)."),
         click.option("--penalty", type=click.Choice(["al", "qp"]), default="al", show_default=True,
@@ -145,9 +152,13 @@ def main() -> None:
 
 
 def _run(ckpt: str, build: Callable[[list[str]], Any], opts: dict[str, Any], **extra: Any) -> None:
+    from lccompress import distributed
+
     job = api.CompressJob(checkpoint=ckpt, build_recipe=build, **opts, **extra)
-    outcome = api.compress_checkpoint(job, Reporter(err_console).callbacks())
-    print_report(outcome.report, Console())  # the result goes to stdout, progress to stderr
+    main_process = distributed.is_main()  # under torchrun only process 0 speaks
+    outcome = api.compress_checkpoint(job, Reporter(err_console).callbacks() if main_process else api.Callbacks())
+    if main_process:
+        print_report(outcome.report, Console())  # the result goes to stdout, progress to stderr
 
 
 # ----------------------------------------------------------------------------- commands

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping
 
 from rich.console import Console
@@ -19,10 +20,11 @@ class Reporter:
 
     def __init__(self, console: Console) -> None:
         self.console, self.steps, self.progress = console, 0, None
+        self.done, self.last, self.every = 0, time.monotonic(), 30.0
 
     def callbacks(self) -> api.Callbacks:
         return api.Callbacks(info=lambda m: self.console.print(m), start=self.start, step=self.step,
-                             epoch=self.epoch, end=self.end)
+                             progress=self.progress_, end=self.end)
 
     def start(self, label: str, steps: int) -> None:
         self.steps = steps
@@ -30,7 +32,7 @@ class Reporter:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
             self.task = self.progress.add_task(label, total=steps, info="")
-            self.epochs = self.progress.add_task("  epochs", total=1, info="")
+            self.epochs = self.progress.add_task("  optimizer steps", total=None, info="")
             self.progress.start()
 
     def end(self) -> None:
@@ -38,12 +40,20 @@ class Reporter:
             self.progress.stop()
             self.progress = None
 
-    def epoch(self, done: int, total: int) -> None:
+    def progress_(self, done: int, total: int | None) -> None:
+        """Inside an L step: the bar on a terminal; otherwise a line at least every 30 seconds."""
         if self.progress:
             self.progress.update(self.epochs, completed=done, total=total)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            of = f"/{total:,}" if total else ""
+            self.console.print(f"  step {self.done + 1}/{self.steps}: {done:,}{of} optimizer steps", highlight=False)
 
     def step(self, r: StepRecord) -> None:
         metric = "" if r.metric is None else f"  metric {r.metric:.4f}"
+        self.done, self.last = r.step + 1, time.monotonic()
         info = f"μ {r.mu:.3g}  loss {r.loss:.4f}  gap {r.gap:.2e}{metric}"
         if self.progress:
             self.progress.update(self.task, completed=r.step + 1, info=info)

@@ -29,7 +29,9 @@ from torch import Tensor, nn
 from . import report as rep
 from .checkpoint import CheckpointError, build_model, call_factory, load_callable, read_checkpoint
 from .errors import ConfigError, LCError
+from . import distributed
 from .lc import LCConfig, Result, StepRecord
+from .lc_config import DEFAULT_CAP
 from .methods import compress
 from .recipe import Recipe, Rule
 from .schemes import LowRank, Prune
@@ -65,12 +67,13 @@ def _layer_weights(name: str, m: nn.Module) -> list[str]:
 @dataclass
 class Callbacks:
     """Progress of a long call: `info(message)`, `start(label, steps)` before the first LC step,
-    `step(record)` after each, `epoch(done, total)` after each epoch of an L step, `end()`."""
+    `step(record)` after each, `progress(done, total)` after each optimizer step of an L step
+    (total None when unknown), `end()`."""
 
     info: Callable[[str], None] = lambda message: None
     start: Callable[[str, int], None] = lambda label, steps: None
     step: Callable[[StepRecord], None] = lambda record: None
-    epoch: Callable[[int, int], None] = lambda done, total: None
+    progress: Callable[[int, int | None], None] = lambda done, total: None
     end: Callable[[], None] = lambda: None
 
 
@@ -293,9 +296,12 @@ class CompressJob:
     exclude: tuple[str, ...] = ()
     method: str | None = None
     steps: int = 40
-    epochs: int = 5
-    first_epochs: int = 10
-    lr: float = 0.05
+    epochs: float | None = None
+    first_epochs: float | None = None
+    budget: int | None = None
+    optimizer: str = "sgd"
+    lr: float | None = None
+    amp: str = "off"
     mu0: float | None = None
     mu_growth: float | None = None
     penalty: str = "al"
@@ -373,7 +379,11 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"the model fails on the ONNX example input: {msg}") from None
 
-    cfg = LCConfig(steps=job.steps, epochs=job.epochs, first_epochs=job.first_epochs, lr=job.lr, mu0=job.mu0,
+    default_epochs = job.epochs is None and job.first_epochs is None and job.budget is None
+    cfg = LCConfig(steps=job.steps, epochs=5 if job.epochs is None else job.epochs,
+                   first_epochs=2 * (5 if job.epochs is None else job.epochs) if job.first_epochs is None
+                   else job.first_epochs, budget=job.budget, cap=DEFAULT_CAP if default_epochs else None,
+                   optimizer=job.optimizer, lr=job.lr, amp=job.amp, mu0=job.mu0,
                    mu_growth=job.mu_growth, penalty=job.penalty)
     state_dir = Path(job.state_dir) if job.state_dir else out.with_name(out.name + ".lcstate")
     trains = method in ("lc", "idc")
@@ -381,10 +391,12 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     try:
         result = compress(subject, recipe, data or None, method=method, config=cfg, loss=loss_fn,
                           metric=metric, device=device, seed=job.seed, callback=cb.step,
-                          on_epoch=cb.epoch,
+                          on_progress=cb.progress,
                           state_dir=state_dir if trains else None, resume=job.resume)
     finally:
         cb.end()
+    if not distributed.is_main():  # under torchrun process 0 writes and reports
+        return CompressOutcome({}, out, result)
     report = _write_outputs(job, ck, model, result, recipe, data, device, out, metric, example)
     for row in report["layers"]:
         dense = sum(subject.get_parameter(p).numel() * subject.get_parameter(p).element_size() * 8
@@ -518,7 +530,7 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         "artifact": str(out), "artifact_bytes": art_bytes, "reference_bytes": ref_bytes,
         "compression_ratio": ref_bytes / max(1, art_bytes), "metric": metric, "onnx_max_rel_diff": onnx_diff,
         "per_class": classes, "layers": rep.layers(result.groups, result.thetas, size),
-        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "timings": {k: round(v, 3) for k, v in result.timings.items()}, "budget": result.budget,
         "history": [vars(h) for h in result.history],
     }
 

@@ -58,6 +58,11 @@ class Inputs:
     def tensors(self) -> list[Tensor]:
         return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, Tensor)]
 
+    def batch_size(self) -> int:
+        """Rows of the first tensor argument (0 when there is none)."""
+        t = self.tensors()
+        return int(t[0].shape[0]) if t and t[0].dim() else 0
+
 
 def as_inputs(v: Any) -> Inputs:
     """Inputs from a tensor, a tuple/list of positional arguments or a dict of keyword arguments."""

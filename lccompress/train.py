@@ -11,6 +11,7 @@ compression held fixed it runs the model with weights Δ(θ) (torch.func.functio
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import set_epoch
 from .errors import ConfigError, DivergenceError, LCError
 from .modelio import Inputs, Loss, Metric, accuracy, as_loss, as_metric, kl_distill, prediction, split_batch
 
@@ -178,15 +180,54 @@ class Stepper(Protocol):
     def restore(self, snap: Any) -> None: ...
 
 
-class SGDStepper:
-    """SGD (momentum, Nesterov, weight decay) over (tensors, learning rate) groups."""
+class Pull:
+    """LC's quadratic pull μ/2‖w − t‖² toward targets t = Δ(θ) + λ/μ, applied as an exact proximal
+    step after each optimizer step: w ← (w + η·μ·t)/(1 + η·μ), stable for every μ and η. η is the
+    optimizer's own step size per weight — lr/(1 − momentum) for SGD, lr/(√v̂ + ε) for AdamW (the
+    prox in Adam's diagonal metric) — so that μ weighs the pull against the loss in the loss's units."""
 
-    def __init__(self, groups: Sequence[tuple[list[Tensor], float]], *, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(self, params: Sequence[Tensor], targets: Sequence[Tensor], mu: float) -> None:
+        self.params, self.targets, self.mu = list(params), list(targets), mu
+
+    @torch.no_grad()
+    def apply(self, opt: torch.optim.Optimizer) -> None:
+        group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+        for p, t in zip(self.params, self.targets):
+            g = group_of[id(p)]
+            if isinstance(opt, torch.optim.AdamW):
+                st = opt.state.get(p)
+                if not st:
+                    continue
+                step = float(st["step"])
+                b2, eps = g["betas"][1], g["eps"]
+                eta = g["lr"] / ((st["exp_avg_sq"] / (1 - b2 ** step)).sqrt_().add_(eps))
+                a = (eta * self.mu).div_(eta * self.mu + 1)
+            else:
+                eta = g["lr"] / (1 - g.get("momentum", 0.0))
+                a = eta * self.mu / (1 + eta * self.mu)
+            p.add_((t - p).mul_(a))
+
+
+class OptStepper:
+    """SGD (momentum, Nesterov, weight decay) or AdamW over (tensors, learning rate) groups, with
+    LC's pull as a proximal step (`Pull`) when given, and fp16 loss scaling when given a scaler."""
+
+    def __init__(self, groups: Sequence[tuple[list[Tensor], float]], *, optimizer: str = "sgd",
+                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
+                 pull: Pull | None = None) -> None:
         self.groups = [(ps, lr) for ps, lr in groups if ps]
         self.params = [p for ps, _ in self.groups for p in ps]
-        self.opt = torch.optim.SGD([{"params": ps, "lr": lr} for ps, lr in self.groups], lr=self.groups[0][1],
-                                   momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+        pgs = [{"params": ps, "lr": lr} for ps, lr in self.groups]
+        if optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(
+                pgs, lr=self.groups[0][1], momentum=momentum, nesterov=nesterov and momentum > 0,
+                weight_decay=weight_decay)
+        elif optimizer == "adamw":
+            self.opt = torch.optim.AdamW(pgs, lr=self.groups[0][1], weight_decay=weight_decay)
+        else:
+            raise ConfigError(f"optimizer={optimizer!r} must be 'sgd' or 'adamw'")
+        self.pull = pull
+        self.scaler: Any = None
 
     def set_lr(self, factor: float) -> None:
         for pg, (_, lr) in zip(self.opt.param_groups, self.groups):
@@ -196,7 +237,13 @@ class SGDStepper:
         self.opt.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if self.pull is not None:
+            self.pull.apply(self.opt)
 
     def snapshot(self) -> list[Tensor]:
         return [p.detach().clone() for p in self.params]
@@ -208,88 +255,239 @@ class SGDStepper:
         self.opt.state.clear()
 
 
+def SGDStepper(groups: Sequence[tuple[list[Tensor], float]], *, momentum: float = 0.9, nesterov: bool = True,
+               weight_decay: float = 0.0) -> OptStepper:
+    """SGD over (tensors, learning rate) groups."""
+    return OptStepper(groups, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def rng_states(loader: Any) -> tuple[Tensor, list[Tensor]]:
+    """torch's global RNG state and the loader's own generators' states (they order its batches)."""
+    return torch.get_rng_state(), [g.get_state() for g in loader_generators({"train": loader})]
+
+
+def set_rng_states(loader: Any, states: tuple[Tensor, list[Tensor]]) -> None:
+    torch.set_rng_state(states[0])
+    for g, s in zip(loader_generators({"train": loader}), states[1]):
+        g.set_state(s)
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        n = len(loader)
+    except Exception:  # noqa: BLE001 - an iterable without (or with a failing) len
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+class Stream:
+    """A training loader as one stream of batches across calls: a pass (epoch) that one L step
+    leaves unfinished is continued by the next, so fractional epochs and budgets see all the data
+    in turn. It remembers the RNG states at which its current pass began and how far it is, so a
+    resumed run rebuilds the same pass (`state` / `restore`)."""
+
+    def __init__(self, loader: Iterable, what: str = "training") -> None:
+        self.loader, self.what = loader, what
+        self.length = _length(loader)
+        self.it: Iterator[Any] | None = None
+        self.pos = 0
+        self.origin: tuple[Tensor, list[Tensor]] | None = None
+        self.ended = False  # the last pass ended after its last batch (no call has seen it yet)
+        self.passes = 0  # passes begun
+
+    def next(self, within_pass: bool = False) -> Any:
+        """The next batch; at the end of a pass a new one starts, or None when `within_pass`."""
+        while True:
+            if self.ended:
+                self.ended = False
+                if within_pass:
+                    return None
+            if self.it is None:
+                set_epoch(self.loader, self.passes)
+                self.passes += 1
+                self.origin = rng_states(self.loader)
+                self.it, self.pos = batches(self.loader, self.what), 0
+            try:
+                b = next(self.it)
+            except StopIteration:
+                self.it = None
+                if self.pos == 0:
+                    raise ConfigError(f"the {self.what} data loader yielded no batches") from None
+                if within_pass:
+                    return None
+                continue
+            self.pos += 1
+            if self.pos == self.length:
+                self._close()
+            return b
+
+    def _close(self) -> None:
+        """End a pass whose last batch was taken by running its iterator to StopIteration now (a
+        sampler may draw from its generator then), unless it yields more than len() promised."""
+        try:
+            extra = next(self.it)  # type: ignore[arg-type]
+        except StopIteration:
+            self.it, self.ended = None, True
+            return
+        self.length = None  # len() was wrong: keep the batch for the next call
+
+        def rest(first: Any = extra, it: Iterator[Any] = self.it) -> Iterator[Any]:  # type: ignore[assignment]
+            yield first
+            yield from it
+        self.it = rest()
+
+    def left_in_pass(self) -> int | None:
+        if self.length is None:
+            return None
+        return self.length if self.it is None else max(0, self.length - self.pos)
+
+    def state(self) -> dict[str, Any]:
+        """Passes begun, and where the stream is inside its pass (pos 0 at a pass boundary)."""
+        inside = self.it is not None and self.pos > 0
+        return {"passes": self.passes - inside, "pos": self.pos if inside else 0,
+                "origin": self.origin if inside else None}
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        """Rebuild a pass from the RNG states it began at and skip the batches already taken; the
+        RNG states as they are now (the saved run's, restored by the caller) are kept."""
+        self.it, self.pos, self.ended = None, 0, False
+        self.passes = int(state.get("passes", 0)) if state else 0
+        if not state or not state.get("pos"):
+            return
+        now = rng_states(self.loader)
+        set_rng_states(self.loader, state["origin"])
+        for _ in range(int(state["pos"])):
+            self.next()
+        set_rng_states(self.loader, now)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def train_loop(
     objective: Callable[[Any, Any], tuple[Tensor, Tensor]],
-    loader: Iterable,
+    loader: Iterable | Stream,
     stepper: Stepper,
     *,
-    epochs: int,
+    epochs: int | None = None,
+    iterations: int | None = None,
     device: torch.device,
-    lr_factor: Callable[[int], float] = lambda e: 1.0,
+    lr_factor: Callable[[float], float] = lambda e: 1.0,
     guard: Guard | None = None,
     where: str = "training",
     on_epoch: Callable[[int, int], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    amp: str | None = None,
+    tally: dict[str, float] | None = None,
+    chunk: int = 500,
 ) -> float:
-    """Train `epochs` epochs: per batch (x, y), objective(x, y) → (task loss, what to minimize),
-    backward, stepper.step(); returns the last epoch's mean task loss.
+    """Train `epochs` whole passes over the loader, or `iterations` optimizer steps taken from it as
+    a stream (passes continue across calls when given a `Stream`): per batch (x, y), objective(x, y)
+    → (task loss, what to minimize), backward, stepper.step(); returns the mean task loss of the
+    last chunk (a pass, or at most `chunk` steps).
 
-    The NaN guard: at each epoch's end the loss and the weights are checked (no host sync per
-    batch); if anything is non-finite the epoch's starting state is restored, the guard halves
-    the learning rate, and the epoch runs again (the 4th time: DivergenceError).
-    `on_epoch(done, epochs)` follows each epoch, `on_step(steps)` each optimizer step.
+    The NaN guard: at each chunk's end the loss and the weights are checked (no host sync per
+    batch); if anything is non-finite the chunk's starting state is restored, the guard halves
+    the learning rate, and the chunk runs again on the next batches (the 4th time: DivergenceError).
+    The learning rate is lr_factor(e) × the guard's scale, e the passes (epochs mode) or steps
+    (iterations mode) done when the chunk starts. `amp` ("bf16", "fp16") runs the objective under
+    autocast, fp16 with a gradient scaler. `on_epoch(done, total)` follows each chunk (in passes or
+    steps), `on_step(steps)` each optimizer step; `tally` accumulates "steps" and "samples".
     """
+    if (epochs is None) == (iterations is None):
+        raise ConfigError("train_loop needs either epochs or iterations")
     guard = guard or Guard()
+    stream = loader if isinstance(loader, Stream) else Stream(loader)
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    if amp and amp != "off":
+        if amp not in AMP_DTYPES:
+            raise ConfigError(f"amp={amp!r} must be bf16, fp16 or off")
+        if amp == "fp16" and device.type != "cuda":
+            raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+        autocast = functools.partial(torch.autocast, device.type, AMP_DTYPES[amp])
+        if amp == "fp16":
+            stepper.scaler = torch.amp.GradScaler(device.type)  # type: ignore[attr-defined]
+    total_units = epochs if epochs is not None else iterations
     last = float("nan")
-    e = steps = 0
-    while e < epochs:
+    done = steps = 0
+    while done < total_units:
         snap = stepper.snapshot()
-        stepper.set_lr(lr_factor(e) * guard.scale)
+        stepper.set_lr(lr_factor(done) * guard.scale)
+        if epochs is not None:
+            size = None  # a whole pass
+        else:
+            left = stream.left_in_pass()
+            size = min(iterations - done, chunk, left if left else chunk)
         total = torch.zeros((), device=device, dtype=torch.float64)
-        count = 0
-        for batch in batches(loader, "training"):
+        count = samples = 0
+        while size is None or count < size:
+            batch = stream.next(within_pass=size is None)
+            if batch is None:
+                break
             x, y = split_batch(batch, device)
-            loss, obj = objective(x, y)
+            with autocast():
+                loss, obj = objective(x, y)
             stepper.zero_grad()
-            obj.backward()
+            scaler = getattr(stepper, "scaler", None)
+            (scaler.scale(obj) if scaler is not None else obj).backward()
             stepper.step()
             total += loss.detach().double()
             count += 1
+            samples += x.batch_size()
             steps += 1
             if on_step is not None:
                 on_step(steps)
-        if count == 0:
-            raise ConfigError("the training data loader yielded no batches")
         finite = torch.isfinite(total) & torch.stack([torch.isfinite(p).all() for p in stepper.params]).all()
         if not bool(finite):
             stepper.restore(snap)
             guard.fail(where)
             continue
         last = float(total) / count
-        e += 1
+        done += 1 if epochs is not None else count
+        if tally is not None:
+            tally["steps"] = tally.get("steps", 0) + count
+            tally["samples"] = tally.get("samples", 0) + samples
         if on_epoch is not None:
-            on_epoch(e, epochs)
+            on_epoch(done, total_units)
     return last
 
 
 def train_epochs(
     forward: Callable[..., Any],
-    loader: Iterable,
+    loader: Iterable | Stream,
     groups: Sequence[tuple[list[Tensor], float]],
     *,
-    epochs: int,
+    epochs: int | None = None,
+    iterations: int | None = None,
     loss_fn: LossFn | Loss,
     device: torch.device,
     extra: Callable[[], Tensor] | None = None,
+    optimizer: str = "sgd",
+    pull: Pull | None = None,
     momentum: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 0.0,
-    lr_factor: Callable[[int], float] = lambda e: 1.0,
+    lr_factor: Callable[[float], float] = lambda e: 1.0,
     guard: Guard | None = None,
     where: str = "training",
     on_epoch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    amp: str | None = None,
+    tally: dict[str, float] | None = None,
 ) -> float:
-    """`train_loop` with SGD on the loss of forward(inputs) against the targets, + extra();
-    `groups` are (tensors, learning rate)."""
+    """`train_loop` with SGD or AdamW on the loss of forward(inputs) against the targets, + extra()
+    (a penalty in the gradient) or a proximal `pull`; `groups` are (tensors, learning rate)."""
     task = as_loss(loss_fn)
 
     def objective(x: Inputs, y: Any) -> tuple[Tensor, Tensor]:
         loss, _ = task.on(forward, x, y)
         return loss, (loss + extra() if extra is not None else loss)
 
-    stepper = SGDStepper(groups, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    return train_loop(objective, loader, stepper, epochs=epochs, device=device, lr_factor=lr_factor, guard=guard,
-                      where=where, on_epoch=on_epoch)
+    stepper = OptStepper(groups, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, pull=pull)
+    return train_loop(objective, loader, stepper, epochs=epochs, iterations=iterations, device=device,
+                      lr_factor=lr_factor, guard=guard, where=where, on_epoch=on_epoch, on_step=on_step, amp=amp,
+                      tally=tally)
 
 
 @torch.no_grad()

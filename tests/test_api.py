@@ -92,7 +92,7 @@ class Recorder:
         return Callbacks(info=lambda m: self.events.append(("info", m)),
                          start=lambda label, steps: self.events.append(("start", label, steps)),
                          step=lambda r: self.events.append(("step", r)),
-                         epoch=lambda done, total: self.events.append(("epoch", done, total)),
+                         progress=lambda done, total: self.events.append(("progress", done, total)),
                          end=lambda: self.events.append(("end",)))
 
     def kinds(self):
@@ -144,11 +144,15 @@ def test_compress_with_model_and_data_runs_lc_and_its_report_is_measured(fx, tmp
     assert all(torch.equal(outcome.result.model.state_dict()[k].cpu(), v) for k, v in sd.items())
     [layer] = r["layers"]
     assert layer["name"] == "+".join(FC) and layer["summary"]["kept"] == round(0.1 * WEIGHTS)
-    # progress: start(label, steps), then per LC step its epochs and one step(), then end()
+    # progress: start(label, steps), then per LC step its optimizer steps and one step(), then end();
+    # the budget in the report counts them
     ev = rec.events
+    n = len(data_module(fx).loaders()["train"])
     assert ev[0] == ("start", "LC prune", 2) and ev[-1] == ("end",)
-    assert rec.kinds() == ["start", "epoch", "step", "epoch", "step", "end"]
-    assert [e[1:] for e in ev if e[0] == "epoch"] == [(1, 1), (1, 1)]
+    assert rec.kinds() == ["start"] + ["progress"] * n + ["step"] + ["progress"] * n + ["step", "end"]
+    assert [e[1:] for e in ev if e[0] == "progress"] == [(i, n) for i in range(1, n + 1)] * 2
+    assert r["budget"]["steps"] == 2 * n and r["budget"]["epochs"] == 2
+    assert r["budget"]["samples"] == 2 * len(data_module(fx).loaders()["train"].dataset)
     records = [e[1] for e in ev if e[0] == "step"]
     assert [x.step for x in records] == [0, 1] and len(r["history"]) == 2
     assert [h["step"] for h in r["history"]] == [0, 1]
@@ -163,7 +167,7 @@ def test_compress_without_data_is_dc_and_equals_global_magnitude_pruning(fx, dc)
     r = outcome.report
     infos = [e[1] for e in rec.events if e[0] == "info"]
     assert len(infos) == 1 and "DC" in infos[0] and "--data" in infos[0]
-    assert "step" not in rec.kinds() and "epoch" not in rec.kinds()
+    assert "step" not in rec.kinds() and "progress" not in rec.kinds()
     assert rec.kinds()[-1] == "end"
     assert r["method"] == "dc" and r["history"] == [] and r["per_class"] == []
     assert r["metric"]["reference"] is None and r["metric"]["compressed"] is None

@@ -165,7 +165,7 @@ def test_nan_restores_and_halves_then_gives_up(digits_ref):
     r = lcc.compress(ref, PRUNE, data, config=SMALL, loss=flaky, device="cpu")
     assert r.recoveries == 1
     assert all(torch.isfinite(p).all() for p in r.model.parameters())
-    assert r.history[0].lr == pytest.approx(SMALL.lr)  # the clipped lr is reported before halving
+    assert r.history[0].lr == pytest.approx(0.05)  # the default (clipped) lr is reported before halving
 
     with pytest.raises(lcc.DivergenceError, match="non-finite"):
         lcc.compress(ref, PRUNE, data, config=SMALL, loss=lambda o, y: o.sum() * float("inf"), device="cpu")
@@ -232,9 +232,10 @@ def test_progress_callbacks_follow_steps_and_epochs(digits_ref):
     ref, data = digits_ref
     steps, epochs = [], []
     lcc.compress(ref, PRUNE, data, config=lcc.LCConfig(steps=2, epochs=2, first_epochs=3), device="cpu",
-                 callback=lambda r: steps.append(r.step), on_epoch=lambda d, t: epochs.append((d, t)))
+                 callback=lambda r: steps.append(r.step), on_progress=lambda d, t: epochs.append((d, t)))
+    n = len(data["train"])
     assert steps == [0, 1]
-    assert epochs == [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)]
+    assert epochs == [(i, 3 * n) for i in range(1, 3 * n + 1)] + [(i, 2 * n) for i in range(1, 2 * n + 1)]
 
 
 @pytest.mark.parametrize("scheme", ["prune", "codebook", "lowrank"])

@@ -38,7 +38,10 @@ class Scheme(ABC):
     #: False for schemes whose C step needs the tensor's own shape (low rank).
     joinable: ClassVar[bool] = True
     #: LC schedule this family works best with, used where the LCConfig leaves a field as None.
-    lc_defaults: ClassVar[dict[str, float]] = {"mu0": 1e-3, "mu_growth": 1.15, "weight_decay": 0.0}
+    #: mu0: the first μ when it cannot be measured (no training data); curvature_scale c: with
+    #: training data μ₀ = c·κ, κ the loss's curvature along the DC move (`lc.dc_curvature`)
+    lc_defaults: ClassVar[dict[str, float]] = {"mu0": 1e-3, "mu_growth": 1.15, "weight_decay": 0.0,
+                                               "curvature_scale": 0.07}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -129,7 +132,8 @@ def merge_lc_defaults(schemes) -> dict[str, float]:
     """One schedule for several schemes: the gentlest start and growth, the largest weight decay."""
     ds = [s.lc_defaults for s in schemes]
     return {"mu0": min(d["mu0"] for d in ds), "mu_growth": min(d["mu_growth"] for d in ds),
-            "weight_decay": max(d["weight_decay"] for d in ds)}
+            "weight_decay": max(d["weight_decay"] for d in ds),
+            "curvature_scale": min(d.get("curvature_scale", 0.07) for d in ds)}
 
 
 def registry() -> dict[str, type[Scheme]]:
