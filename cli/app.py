@@ -97,8 +97,9 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--model", "model_spec", help="Model factory FILE.py:FUNC or module:FUNC (needed to train or export)."),
         click.option("--data", "data_spec", help='Data FILE.py:FUNC returning {"train": DataLoader, "eval": DataLoader}.'),
         click.option("--loss", default="auto", show_default=True,
-                     help="auto | ce | mse | model | distill | FILE.py:FUNC. auto: the model's own loss for dict "
-                          "batches with labels (Hugging Face), else ce."),
+                     help="auto | ce | mse | model | distill | distill-kl | distill-mse | distill-cosine | FILE.py:FUNC. "
+                          "auto: the model's own loss for dict batches with labels (Hugging Face), else ce; "
+                          "distill: KL on class logits, MSE on other outputs (embeddings)."),
         click.option("--metric", default="auto", show_default=True,
                      help="auto | accuracy | perplexity | loss | cosine | mse | FILE.py:FUNC. auto follows the loss."),
         click.option("--output", "output", metavar="NAME",

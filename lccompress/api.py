@@ -36,7 +36,7 @@ from .methods import compress
 from .recipe import Recipe, Rule
 from .schemes import LowRank, Prune
 from .modelio import (METRICS, Inputs, Loss, Metric, accepts_labels, as_inputs, as_loss, as_metric, default_metric,
-                      kl_distill, split_batch)
+                      DISTILL, distill_kind, split_batch)
 from .train import Teacher, evaluate, first_batch, recalibrate_bn_, resolve_device
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -433,7 +433,8 @@ def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", met
     """The data (wrapped for distillation), loss and metric of a job, from the options:
 
     loss    auto (the model's own loss when the batches are dicts with "labels" and its forward
-            takes labels, else ce) | ce | mse | model | distill | FILE.py:FUNC
+            takes labels, else ce) | ce | mse | model | distill (KL on class logits, else MSE) |
+            distill-kl | distill-mse | distill-cosine | FILE.py:FUNC
     metric  auto (`modelio.default_metric` on an eval batch) | accuracy | perplexity | loss | cosine
             | mse | FILE.py:FUNC
 
@@ -444,12 +445,19 @@ def make_task(model: nn.Module, data: Mapping[str, Any], loss: str = "auto", met
     x0, y0 = split_batch(first)
     if loss == "auto":
         loss = "model" if x0.label_key == "labels" and accepts_labels(model) else "ce"
-    if loss == "distill":
+    if loss in ("distill", "distill-kl", "distill-mse", "distill-cosine"):
+        kind = loss[8:]
+        if not kind:
+            with torch.no_grad():
+                kind = distill_kind(x0.to(device)(model), y0, output)
         labelled = y0 is not None
+        logits = kind == "kl"
+        # the eval data keeps its own targets for classifiers; else the reference's outputs are the
+        # targets (its predicted classes for logits, its vectors for embeddings)
         data = {"train": Teacher(data["train"], model, device, output=output),
-                **({"eval": data["eval"] if labelled else Teacher(data["eval"], model, device, argmax=True,
-                                                                   output=output)} if "eval" in data else {})}
-        loss_fn = Loss(kl_distill(), "distill", output)
+                **({"eval": data["eval"] if labelled and logits else
+                    Teacher(data["eval"], model, device, argmax=logits, output=output)} if "eval" in data else {})}
+        loss_fn = Loss(DISTILL[kind], "distill" if logits else f"distill-{kind}", output)
     elif loss in ("ce", "mse", "model"):
         loss_fn = as_loss(loss, output)
     else:

@@ -192,6 +192,32 @@ def kl_distill(temperature: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
     return kl
 
 
+def cosine_distance(pred: Tensor, target: Tensor) -> Tensor:
+    """1 − cosine similarity of prediction and target vectors (the last dimension), mean over rows."""
+    p, t = pred.float().reshape(-1, pred.shape[-1]), target.float().reshape(-1, pred.shape[-1])
+    return 1 - F.cosine_similarity(p, t, dim=-1).mean()
+
+
+#: --loss distill-KIND: the distillation losses by the outputs they suit
+DISTILL = {"kl": kl_distill(), "mse": mse, "cosine": cosine_distance}
+
+
+def distill_kind(out: Any, target: Any, output: str | None = None) -> str:
+    """"kl" when the outputs are class logits — a ModelOutput with logits, or integer targets that
+    index the output's last dimension — else "mse" (embeddings, regression outputs, hidden states:
+    a softmax over them would be meaningless)."""
+    if not isinstance(out, Tensor) and getattr(out, "logits", None) is not None and output in (None, "logits"):
+        return "kl"
+    try:
+        p = prediction(out, output)
+    except ConfigError:
+        return "mse"
+    if isinstance(target, Tensor) and not target.is_floating_point() and p.dim() >= 2 and target.numel() \
+            and int(target.min()) >= -100 and int(target.max()) < p.shape[-1]:
+        return "kl"
+    return "mse"
+
+
 @dataclass(frozen=True)
 class Loss:
     """A training loss: fn(prediction, target), or the model's own loss (`own=True`). `output` names
@@ -450,6 +476,7 @@ def default_metric(loss: Loss, out: Any, target: Any, inputs: Inputs | None = No
         if seq or (p.dim() >= 2 and tuple(p.shape[:1] + p.shape[2:]) == tuple(target.shape)) or \
                 (p.dim() == 2 and tuple(p.shape[:1]) == tuple(target.shape)):
             return Accuracy(loss.output)
-    if loss.name == "mse" and p is not None and isinstance(target, Tensor) and target.shape == p.shape:
+    if loss.name in ("mse", "distill-mse", "distill-cosine") and p is not None and isinstance(target, Tensor) \
+            and target.shape == p.shape:
         return Cosine(loss.output) if p.dim() >= 2 and p.shape[-1] > 1 else MSE(loss.output)
     return MeanLoss(loss)
