@@ -114,7 +114,7 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--first-epochs", type=click.FloatRange(min=0), help="Epochs of the first L step [default: 2 × --epochs]."),
         click.option("--budget", type=click.IntRange(min=1),
                      help="Optimizer steps for the whole run, split over the L steps (the first takes two shares)."),
-        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True,
                      help="L-step optimizer; with adamw LC's pull is an exact proximal step."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate [default: 0.05 sgd, 1e-3 adamw]."),
         click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,

@@ -299,7 +299,7 @@ class CompressJob:
     epochs: float | None = None
     first_epochs: float | None = None
     budget: int | None = None
-    optimizer: str = "sgd"
+    optimizer: str = "adamw"
     lr: float | None = None
     amp: str = "off"
     mu0: float | None = None

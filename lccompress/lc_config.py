@@ -49,7 +49,7 @@ class LCConfig:
     mu_growth: float | None = None
     penalty: str = "al"
     tol: float = 1e-7
-    optimizer: str = "sgd"
+    optimizer: str = "adamw"
     lr: float | None = None
     lr_decay: float = 0.98
     lr_clip: float = 1.0
