@@ -80,6 +80,12 @@ def print_report(r: Mapping[str, Any], console: Console) -> None:
                       f"{rep.metric_text(m['compressed'], u)}{onnx}; worse by {rep.drop_text(m['drop'], u)}",
                       highlight=False)
     tm = r["timings"]
+    b = r.get("budget") or {}
+    if b.get("steps"):
+        epochs = f", {b['epochs']:.2f} epochs" if b.get("epochs") is not None else ""
+        procs = f" on {b['processes']} processes" if b.get("processes", 1) > 1 else ""
+        console.print(f"budget: {b['steps']:,} optimizer steps ({b['samples']:,} samples{epochs}){procs}",
+                      highlight=False)
     console.print(f"method {r['method']}; time {tm.get('total', 0):.1f} s (L steps {tm.get('lstep', 0):.1f} s, "
                   f"C steps {tm.get('cstep', 0):.2f} s)", highlight=False)
 

@@ -289,3 +289,19 @@ def test_multilevel_extract_and_sweep(fx, tmp_path):
     for p in curve["dc"] + curve["lc"]:
         assert p["bytes"] == os.stat(sweep_dir / p["artifact"]).st_size
     assert (sweep_dir / "curve.svg").read_text().lstrip().startswith("<svg")
+
+
+def test_budget_and_fractional_epochs_from_the_command_line(fx, tmp_path):
+    common = ["prune", fx["ckpt"], "--keep", "0.1", "--model", fx["model"], "--data", fx["data"], "--steps", "3",
+              "--device", "cpu"]
+    r = run(*common, "--budget", "7", "--optimizer", "sgd", "-o", tmp_path / "b.safetensors", "--report",
+            tmp_path / "b.json")
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert rep["budget"]["steps"] == 7 and rep["config"]["optimizer"] == "sgd" and rep["config"]["budget"] == 7
+    assert "budget: 7 optimizer steps" in r.output
+    run(*common, "--epochs", "0.5", "-o", tmp_path / "e.safetensors", "--report", tmp_path / "e.json")
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["budget"]["epochs"] == pytest.approx(2.0, abs=0.2)  # 1 + 0.5 + 0.5 passes
+    assert rep["config"]["optimizer"] == "adamw" and rep["config"]["cap"] is None
+    r = run(*common, "--amp", "fp16", "-o", tmp_path / "f.safetensors", ok=False)
+    assert r.exit_code == 1 and "fp16 needs a CUDA" in r.output and not (tmp_path / "f.safetensors").exists()
