@@ -54,9 +54,22 @@ def cstep(self, *a, **k):
     return th
 lc._Run.cstep = cstep
 model = task.make()
-r = compress(model, Recipe.single(["0.weight", "2.weight"], Prune(keep=0.2)), task.loaders(),
-             config=LCConfig(steps=3, epochs=1, first_epochs=1), device="cpu", seed=0)
+recipe = Recipe.single(["0.weight", "2.weight"], Prune(keep=0.2))
+cfg = LCConfig(steps=3, epochs=1.5, first_epochs=1.5)
+r = compress(model, recipe, task.loaders(), config=cfg, device="cpu", seed=0)
 open(f"{out}/digests.{distributed.rank()}", "w").write("\\n".join(seen))
+# interrupted after step 1 on every process (mid-pass: 1.5 epochs per L step), then resumed
+def stop(rec):
+    if rec.step == 1:
+        raise KeyboardInterrupt
+try:
+    compress(model, recipe, task.loaders(), config=cfg, device="cpu", seed=0, state_dir=f"{out}/state", callback=stop)
+except KeyboardInterrupt:
+    pass
+again = compress(model, recipe, task.loaders(), config=cfg, device="cpu", seed=0, state_dir=f"{out}/state",
+                 resume=True)
+same = all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), again.model.state_dict().values()))
+open(f"{out}/resumed.{distributed.rank()}", "w").write(str(same))
 """
 
 
@@ -86,6 +99,8 @@ def test_theta_is_identical_on_both_processes_after_every_c_step(task):
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (task / "digests.0").read_text().split(), (task / "digests.1").read_text().split()
     assert len(a) == 4 and a == b  # DC and three LC C steps, the same bytes on both processes
+    # interrupted mid-run and resumed from process 0's saved state: the same bytes as unbroken
+    assert (task / "resumed.0").read_text() == "True" and (task / "resumed.1").read_text() == "True"
 
 
 def test_cli_under_torchrun_writes_once_and_matches_one_process(task):
