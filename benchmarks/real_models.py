@@ -71,7 +71,7 @@ def table1(quick: bool, work: Path) -> None:
                     checkpoint=str(ckpt), build_recipe=lambda names, s=scheme: Recipe.single(names, s),
                     out=str(work / f"{name}-{method}.safetensors"), method=method,
                     model_spec=None if name == "audio" else f"{NETS}:{name}", data_spec=f"{NETS}:{name}_data",
-                    steps=10 if not quick else 3, epochs=2, first_epochs=4, lr=0.05, argv=[])
+                    steps=10 if not quick else 3, epochs=2, first_epochs=4, argv=[])
                 t = time.perf_counter()
                 res[method] = (api.compress_checkpoint(job), time.perf_counter() - t)
             lc, seconds = res["lc"]
