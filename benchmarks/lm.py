@@ -19,11 +19,13 @@ perplexity) and train.bin / eval.bin. Then, per level and method (dc, finetune, 
     python -m lccompress quantize ref.pt --codebook 16 --model task.py:make_model --data task.py:loaders
         --method lc --optimizer adamw --budget N --lr 1e-4 --steps S -o X.onnx --report X.json
 Perplexity is the report's metric.onnx, bytes its artifact_bytes (the ONNX file); the reference
-row is the dense model exported the same way. Sizing (2 threads, 1.7× faster than 1): a training
-step takes 0.55 s, one pass over 32 KB held out ~2.7 s, and every CLI run pays ~20 s of start-up,
-evaluation and export on top of its steps. lr 1e-4 was picked on k = 16 (on this held-out set:
-1e-3 and 3e-4 put LC behind DC + fine-tuning). Goals: LC at k = 16 within 2 % of the reference
-perplexity, at keep 50 % within 5 %, LC better than DC + fine-tuning at every level.
+row is the dense model exported the same way. Sizing, 2 idle cores (2 threads: 1.7× faster than
+1; with other work on the machine use --threads 1): a training step takes 0.51 s, a pass over the
+held-out set 2.6 s; a CLI run costs ~18 s (DC), ~100 s (DC+FT), ~125 s (LC, which evaluates
+after every step) at budget 150. lr 1e-4 was picked on k = 16 by held-out perplexity (at 1e-3
+and 3e-4 LC fell behind DC + fine-tuning), so the figures lean optimistic. Goals: LC within 2 %
+of the reference perplexity at k = 16, within 5 % at keep 50 %, and better than DC + fine-tuning
+at every level.
 """
 
 from __future__ import annotations
