@@ -2,9 +2,9 @@
 
 LC (Carreira-Perpiñán 2017) solves min_w L(w) s.t. w = Δ(θ) by the augmented Lagrangian:
 
-    θ ← Π(w_ref)                                         DC start (μ → 0)
+    θ ← Π(w_ref)                                         DC start (μ → 0); μ₀ = c·κ measured
     for k = 0 … steps−1, μ = μ₀·aᵏ:
-        L step  w ← argmin L(w) + μ/2‖w − Δ(θ) − λ/μ‖²   SGD, learning rate ≤ lr_clip/μ
+        L step  w ← argmin L(w) + μ/2‖w − Δ(θ) − λ/μ‖²   AdamW + proximal pull, or SGD (lr ≤ lr_clip/μ)
         C step  θ ← argmin ‖w − λ/μ − Δ(θ)‖²              the scheme's exact projection
         λ ← λ − μ(w − Δ(θ))                              (kept at 0 for the quadratic penalty)
         stop when ‖w − Δ(θ)‖² / ‖w‖² < tol

@@ -1,8 +1,10 @@
 """The training loop every method uses (LC's L steps, iDC, fine-tuning, SFW, fw-grow), with its
 one NaN guard; losses, evaluation, data and device conventions.
 
-    train_loop(objective, loader, stepper, epochs=…)   one loop: objective → backward → stepper.step()
-    train_epochs(forward, loader, [(params, lr)], …)    the same with SGD (the default L step)
+    train_loop(objective, loader, stepper, epochs= | iterations=)   objective → backward → stepper.step()
+    train_epochs(forward, loader, [(params, lr)], …)    the same with SGD or AdamW (the default L step)
+    Stream(loader)                                      batches across calls: passes continue, resume exact
+    Pull(params, targets, μ)                            LC's pull as an exact proximal step
 
 `forward(x)` is the model's output; for LC it is the model itself, for fine-tuning with the
 compression held fixed it runs the model with weights Δ(θ) (torch.func.functional_call).
