@@ -190,12 +190,14 @@ class Pull:
 
     def __init__(self, params: Sequence[Tensor], targets: Sequence[Tensor], mu: float) -> None:
         self.params, self.targets, self.mu = list(params), list(targets), mu
+        self.groups: list[dict[str, Any]] | None = None
 
     @torch.no_grad()
     def apply(self, opt: torch.optim.Optimizer) -> None:
-        group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-        for p, t in zip(self.params, self.targets):
-            g = group_of[id(p)]
+        if self.groups is None:  # each weight's param group, found once
+            group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+            self.groups = [group_of[id(p)] for p in self.params]
+        for p, t, g in zip(self.params, self.targets, self.groups):
             if isinstance(opt, torch.optim.AdamW):
                 st = opt.state.get(p)
                 if not st:
@@ -255,12 +257,6 @@ class OptStepper:
             for p, s in zip(self.params, snap):
                 p.copy_(s)
         self.opt.state.clear()
-
-
-def SGDStepper(groups: Sequence[tuple[list[Tensor], float]], *, momentum: float = 0.9, nesterov: bool = True,
-               weight_decay: float = 0.0) -> OptStepper:
-    """SGD over (tensors, learning rate) groups."""
-    return OptStepper(groups, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 def rng_states(loader: Any) -> tuple[Tensor, list[Tensor]]:
