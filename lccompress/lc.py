@@ -159,6 +159,7 @@ class _Run:
         self.on_progress: Callable[[int, int | None], None] | None = None
         self.stream = Stream(data["train"]) if "train" in data else None
         self.plan = self.cfg.plan(self.stream.length) if self.stream else None
+        self.limits = self.cfg.limits(self.stream.length) if self.stream else None
         self.tally: dict[str, float] = {}
         self.ddp: nn.Module | None = None
 
@@ -273,7 +274,7 @@ class _Run:
                                 extra=penalty if targets and not prox else None, optimizer=cfg.optimizer, pull=pull,
                                 momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                 guard=self.guard, where=f"L step {step}", on_step=self.progress(iters),
-                                amp=cfg.amp, tally=self.tally)
+                                amp=cfg.amp, tally=self.tally, limit=self.limits[step] if self.limits else None)
         self.t["lstep"] += time.perf_counter() - t
         return task, lr_c
 
@@ -421,7 +422,7 @@ class _Run:
                             optimizer=cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov,
                             weight_decay=cfg.weight_decay, lr_factor=lambda e: cosine(e, total),
                             guard=self.guard, where="fine-tuning", on_step=self.progress(iters), amp=cfg.amp,
-                            tally=self.tally)
+                            tally=self.tally, limit=sum(self.limits) if self.limits else None)
         self.t["lstep"] += time.perf_counter() - t
         thetas = {name: {k: v.detach() for k, v in th.items()} for name, th in thetas.items()}
         self.record(step=0, mu=0.0, lr=cfg.lr, loss=task, gap=0.0, metric=self.evaluate(self.deltas(thetas)))

@@ -126,14 +126,19 @@ class LCConfig:
                 if self.cap is None or sum(each) <= self.cap:
                     return each
                 total = self.cap
-            elif self.cap is not None:
-                total = self.cap
             elif any(w != int(w) for w in weights):
                 raise ConfigError("fractional epochs need a training loader with a len(); give a budget in "
                                   "optimizer steps instead (--budget)")
             else:
                 return None
         return split(total, weights)
+
+    def limits(self, length: int | None) -> list[int] | None:
+        """With whole epochs of a loader without len() (`plan` is None), the cap's share of each L
+        step: it stops there if its epochs take longer (an endless stream stays bounded)."""
+        if length is not None or self.budget is not None or self.cap is None:
+            return None
+        return split(self.cap, [self.epochs_at(k) for k in range(self.steps)])
 
 
 def split(total: int, weights: list[float]) -> list[int]:

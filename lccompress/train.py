@@ -378,6 +378,7 @@ def train_loop(
     amp: str | None = None,
     tally: dict[str, float] | None = None,
     chunk: int = 500,
+    limit: int | None = None,
 ) -> float:
     """Train `epochs` whole passes over the loader, or `iterations` optimizer steps taken from it as
     a stream (passes continue across calls when given a `Stream`): per batch (x, y), objective(x, y)
@@ -388,7 +389,8 @@ def train_loop(
     batch); if anything is non-finite the chunk's starting state is restored, the guard halves
     the learning rate, and the chunk runs again on the next batches (the 4th time: DivergenceError).
     The learning rate is lr_factor(e) × the guard's scale, e the passes (epochs mode) or steps
-    (iterations mode) done when the chunk starts. `amp` ("bf16", "fp16") runs the objective under
+    (iterations mode) done when the chunk starts. `limit` stops whole epochs after that many
+    optimizer steps in all. `amp` ("bf16", "fp16") runs the objective under
     autocast, fp16 with a gradient scaler. `on_epoch(done, total)` follows each chunk (in passes or
     steps), `on_step(steps)` each optimizer step; `tally` accumulates "steps" and "samples".
     """
@@ -408,7 +410,7 @@ def train_loop(
     total_units = epochs if epochs is not None else iterations
     last = float("nan")
     done = steps = 0
-    while done < total_units:
+    while done < total_units and (limit is None or steps < limit):
         snap = stepper.snapshot()
         stepper.set_lr(lr_factor(done) * guard.scale)
         if epochs is not None:
@@ -418,7 +420,7 @@ def train_loop(
             size = min(iterations - done, chunk, left if left else chunk)
         total = torch.zeros((), device=device, dtype=torch.float64)
         count = samples = 0
-        while size is None or count < size:
+        while (size is None or count < size) and (limit is None or steps < limit):
             batch = stream.next(within_pass=size is None)
             if batch is None:
                 break
@@ -472,6 +474,7 @@ def train_epochs(
     on_step: Callable[[int], None] | None = None,
     amp: str | None = None,
     tally: dict[str, float] | None = None,
+    limit: int | None = None,
 ) -> float:
     """`train_loop` with SGD or AdamW on the loss of forward(inputs) against the targets, + extra()
     (a penalty in the gradient) or a proximal `pull`; `groups` are (tensors, learning rate)."""
@@ -485,7 +488,7 @@ def train_epochs(
                          weight_decay=weight_decay, pull=pull)
     return train_loop(objective, loader, stepper, epochs=epochs, iterations=iterations, device=device,
                       lr_factor=lr_factor, guard=guard, where=where, on_epoch=on_epoch, on_step=on_step, amp=amp,
-                      tally=tally)
+                      tally=tally, limit=limit)
 
 
 @torch.no_grad()

@@ -64,6 +64,10 @@ def test_plan_from_epochs_budget_and_cap():
     assert LCConfig(steps=3, epochs=0.5, first_epochs=1).plan(10) == [10, 5, 5]
     assert LCConfig(steps=4, budget=100).plan(10) == split(100, [10, 5, 5, 5])  # first L step: two shares
     assert LCConfig(steps=4, budget=100).plan(None) == split(100, [10, 5, 5, 5])
+    # a loader without len(): whole epochs, each L step stopped at its share of the cap
+    assert LCConfig(steps=4, cap=100).plan(None) is None
+    assert LCConfig(steps=4, cap=100).limits(None) == split(100, [10, 5, 5, 5])
+    assert LCConfig(steps=4, cap=100).limits(10) is None and LCConfig(steps=4).limits(None) is None
     assert sum(LCConfig(steps=40, cap=1000).plan(100)) == 1000  # 205 epochs of 100 batches, capped
     assert LCConfig(steps=40, cap=10**6).plan(100) == [1000] + [500] * 39  # under the cap: as asked
     assert LCConfig(steps=2, epochs=1).plan(None) is None  # whole passes of an unsized loader
@@ -82,6 +86,31 @@ def test_fractional_epochs_continue_the_pass_in_the_next_l_step():
     # then 4 L steps of 4 batches each: two whole passes, in order, each batch once per pass
     assert loader.seen == list(range(8)) + list(range(8)) * 2
     assert r.budget == {"steps": 16, "samples": 16 * 32, "epochs": 2.0, "processes": 1}
+
+
+class Unsized:
+    """The same batches as a Recording loader, without len()."""
+
+    def __init__(self, X, y, batch):
+        self.inner = Recording(X, y, batch)
+
+    def __iter__(self):
+        return iter(self.inner)
+
+
+def test_the_cap_bounds_an_endless_stream_and_spares_a_short_one():
+    model, X, y = task()
+
+    class Endless:
+        def __iter__(self):
+            while True:
+                yield X[:32], y[:32]
+
+    r = lcc.compress(model, RECIPE, {"train": Endless()}, config=LCConfig(steps=3, cap=40), device="cpu")
+    assert r.budget["steps"] == 40 and r.budget["epochs"] is None
+    r = lcc.compress(model, RECIPE, {"train": Unsized(X, y, 32)},
+                     config=LCConfig(steps=3, epochs=1, first_epochs=1, cap=10**4), device="cpu")
+    assert r.budget["steps"] == 3 * 8  # three whole passes: far under the cap
 
 
 def test_budget_counts_optimizer_steps_over_passes():
