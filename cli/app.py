@@ -182,17 +182,35 @@ def prune(ckpt: str, keep: float, per_layer: bool, **opts: Any) -> None:
 @main.command()
 @click.argument("ckpt", type=click.Path())
 @click.option("--codebook", "k", type=click.IntRange(min=1, max=65536), help="Entries of the adaptive codebook per layer.")
-@click.option("--bits", type=click.IntRange(min=1, max=16), help="Bits per weight (a codebook of 2^bits entries).")
+@click.option("--bits", type=click.IntRange(min=1, max=16),
+              help="Bits per weight: a codebook of 2^bits entries, or with --uniform the grid's bits (2–8).")
 @click.option("--shared", is_flag=True, help="One codebook shared by all layers.")
+@click.option("--uniform", is_flag=True, help="A uniform integer grid per channel or block (what runtimes execute: int4/int8).")
+@click.option("--group-size", type=click.Choice(["0", "16", "32", "64", "128", "256"]), default="0", show_default=True,
+              help="With --uniform: weights per scale along the input dimension (0: one scale per output channel).")
+@click.option("--symmetric", is_flag=True, help="With --uniform: no zero points (the grid centred on 0).")
 @compression_options
 @guarded()
-def quantize(ckpt: str, k: int | None, bits: int | None, shared: bool, **opts: Any) -> None:
-    """Quantize each layer to an adaptive codebook (k-means).
+def quantize(ckpt: str, k: int | None, bits: int | None, shared: bool, uniform: bool, group_size: str,
+             symmetric: bool, **opts: Any) -> None:
+    """Quantize each layer to an adaptive codebook (k-means) or a uniform integer grid.
 
+    \b
     Example: lccompress quantize ckpt.pt --codebook 2 --model net.py:make --data data.py:loaders
+             lccompress quantize ckpt.pt --uniform --bits 4 --group-size 32 -o small.onnx --model net.py:make --data data.py:loaders
     """
-    from lccompress import Codebook, Recipe
+    from lccompress import Codebook, Recipe, Uniform
 
+    if uniform:
+        if k is not None or shared:
+            raise UsageError("--uniform takes --bits (2–8), not --codebook or --shared")
+        if bits is None or not 2 <= bits <= 8:
+            raise UsageError("--uniform needs --bits from 2 to 8")
+        scheme = Uniform(bits=bits, group_size=int(group_size), symmetric=symmetric)
+        _run(ckpt, lambda names: Recipe.single(names, scheme), opts)
+        return
+    if group_size != "0" or symmetric:
+        raise UsageError("--group-size and --symmetric apply to --uniform grids")
     if (k is None) == (bits is None):
         raise UsageError("give one of --codebook K or --bits B")
     k = k if k is not None else 2 ** bits

@@ -56,6 +56,8 @@ SCHEMES = {  # one case per scheme family and layout: name: (scheme, joint)
     "binarize": (lc.Binarize(), True),
     "scaled_binarize": (lc.ScaledBinarize(), False),
     "scaled_ternary": (lc.ScaledTernary(), False),
+    "uniform": (lc.Uniform(bits=4, group_size=16), False),
+    "uniform_symmetric": (lc.Uniform(bits=3, symmetric=True), False),
     "lowrank": (lc.LowRank(rank=2), False),
     "rank_selection": (lc.RankSelection(alpha=1e-6), False),
     "additive": (lc.Additive((lc.Codebook(k=2), lc.Prune(keep=0.05))), False),

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, version_converter
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -79,6 +79,19 @@ class _Builder:
 
     def initializer(self, name: str, a: np.ndarray) -> None:
         self.inits.append(numpy_helper.from_array(np.asarray(a), name))
+
+    def qconst(self, a: np.ndarray, kind: str, hint: str = "q") -> str:
+        """Integer codes 0 ≤ a < 2ᵇ as a "uint4" (two per byte, low nibble first) or "uint8" constant."""
+        name = self.fresh(hint)
+        a = np.asarray(a, np.uint8)
+        if kind == "uint8":
+            self.inits.append(numpy_helper.from_array(a, name))
+            return name
+        flat = a.reshape(-1)
+        flat = np.concatenate([flat, np.zeros(flat.size % 2, np.uint8)]).reshape(-1, 2)
+        packed = (flat[:, 0] | (flat[:, 1] << 4)).astype(np.uint8)
+        self.inits.append(helper.make_tensor(name, onnx.TensorProto.UINT4, list(a.shape), packed.tobytes(), raw=True))
+        return name
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -205,10 +218,10 @@ def feeds(names: Sequence[str], inputs: Inputs) -> dict[str, np.ndarray]:
 
 
 def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Group], example_input: Any,
-                path: Any, *, sparse: str = "packed", split_lowrank: bool = True, opset: int = 18,
+                path: Any, *, sparse: str = "packed", split_lowrank: bool = True, opset: int | None = None,
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                 dynamic_batch: bool = True, dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
-                output: str | None = None) -> dict[str, str]:
+                output: str | None = None, matmul_nbits: bool = True) -> dict[str, str]:
     """Export `model` with weights Δ(θ) to a single ONNX file at `path` (written atomically).
 
     `example_input` is a tensor, a tuple of positional arguments, or `modelio.Inputs` (positional
@@ -216,13 +229,18 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     forward's parameters and the keyword keys (`input_names` overrides); with `dynamic_batch`,
     `dynamic_axes` (default: `default_dynamic_axes`) and axis 0 of every output are dynamic.
     The outputs are `graph_outputs(model(…), output)`. `sparse` is "packed" or "dense" (see the
-    module doc). The input model is not changed. Returns the encoding used for each compressed
-    parameter.
+    module doc). With `matmul_nbits`, 4-bit uniform grids of Linear / MatMul weights run as ONNX
+    Runtime's com.microsoft.MatMulNBits. `opset` defaults to the lowest the decoders need (18, or
+    21 for DequantizeLinear). The input model is not changed. Returns the encoding used for each
+    compressed parameter.
     """
     if sparse not in ("packed", "dense"):
         raise ConfigError(f"sparse={sparse!r} must be 'packed' or 'dense'")
-    if opset < 18:
-        raise ConfigError(f"opset={opset} must be ≥ 18 (the code decoders use BitwiseAnd)")
+    need = max([18] + [g.scheme.onnx_opset for g in groups])  # BitwiseAnd (18); DequantizeLinear blocked, uint4 (21)
+    if opset is None:
+        opset = need
+    elif opset < need:
+        raise ConfigError(f"opset={opset} is too old for these decoders: they need opset ≥ {need}")
     example = as_inputs(example_input).to(torch.device("cpu"))
     if not example.tensors():
         raise ConfigError("the example input holds no tensor to export a graph for")
@@ -260,14 +278,17 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
             traced: nn.Module = graph
             if isinstance(m, torch.jit.ScriptModule):  # the exporter traces plain modules only: trace it first
                 traced = torch.jit.trace(graph, tuple(example.tensors()), check_trace=False, strict=False)
-            torch.onnx.export(traced, tuple(example.tensors()), buf, dynamo=False, opset_version=opset,
+            torch.onnx.export(traced, tuple(example.tensors()), buf, dynamo=False, opset_version=min(opset, 20),
                               do_constant_folding=False, input_names=ins, output_names=outs_n,
                               dynamic_axes=axes or None)
     except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; name the operator or argument
         raise ConfigError(f"ONNX export failed: {_first_line(e)}") from None
     mp = onnx.load_from_string(buf.getvalue())
+    if opset > 20:  # the TorchScript exporter stops at 20; 20 → 21 changes no operator used here
+        mp = version_converter.convert_version(mp, opset)
     inits = {t.name: t for t in mp.graph.initializer}
     b, drop, enc, meta = _Builder(), set(), {}, {}
+    nbits = matmul_nbits
     for g in groups:
         _, entry = encode_theta(g, th[g.name])
         entry.pop("bits")
@@ -282,6 +303,14 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
             continue
         n0 = len(b.inits)
         first = hits[g.params[0]]
+        if nbits and len(g.params) == 1 and first is not None:
+            desc = _matmul_nbits(b, mp.graph, g.scheme, th[g.name], *first)
+            if desc is not None:
+                drop.add(first[0])
+                enc[g.params[0]] = desc
+                meta[g.name] = {**entry, "initializers": [t.name for t in b.inits[n0:]],
+                                "parts": {g.params[0]: {"enc": desc}}}
+                continue
         single = len(g.params) == 1 and first is not None and not first[1]  # decode straight into it
         flat = first[0] if single else b.fresh(g.name)
         desc = g.scheme.onnx_decode(b, th[g.name], tuple(g.shape), flat, sparse=sparse)
@@ -305,6 +334,8 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     nodes = b.nodes + list(mp.graph.node)
     del mp.graph.node[:]
     mp.graph.node.extend(nodes)
+    if any(n.domain == "com.microsoft" for n in mp.graph.node) and not any(o.domain == "com.microsoft" for o in mp.opset_import):
+        mp.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     text = json.dumps(meta, separators=(",", ":"))
     helper.set_model_props(mp, {META_KEY: text})  # the seal covers the model with this metadata
     helper.set_model_props(mp, {META_KEY: text, SEAL_KEY: onnx_seal(mp)})
@@ -313,6 +344,51 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     onnx.checker.check_model(mp)
     atomic_write(path, mp.SerializeToString())
     return enc
+
+
+MATMUL_NBITS = (4,)  # bit widths that run as MatMulNBits; ORT's other widths use slow reference kernels
+
+
+def _matmul_nbits(b: _Builder, graph: onnx.GraphProto, scheme: Any, theta: Theta, name: str,
+                  transposed: bool) -> str | None:
+    """Replace every product with initializer `name` by com.microsoft.MatMulNBits over θ's packed
+    codes, when the scheme offers that layout at a supported width and every use of the weight is
+    Gemm(A, W, C, transB=1) or MatMul(A, Wᵀ); else None (nothing changed)."""
+    layout = getattr(scheme, "matmul_nbits", None)
+    if layout is None or getattr(scheme, "width", None) not in MATMUL_NBITS:
+        return None
+    users = [(i, n) for i, n in enumerate(graph.node) if name in n.input]
+    via = None  # Linear without bias: Transpose(W) feeding MatMul
+    if not transposed and len(users) == 1 and users[0][1].op_type == "Transpose" and \
+            [helper.get_attribute_value(a) for a in users[0][1].attribute if a.name == "perm"] == [[1, 0]]:
+        via = users[0][1]
+        name, transposed = via.output[0], True
+        users = [(i, n) for i, n in enumerate(graph.node) if name in n.input]
+
+    def fits(n: onnx.NodeProto) -> bool:
+        at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "Gemm":
+            return (not transposed and list(n.input).index(name) == 1 and at.get("transB", 0) == 1
+                    and at.get("transA", 0) == 0 and at.get("alpha", 1.0) == 1.0 and at.get("beta", 1.0) == 1.0)
+        return n.op_type == "MatMul" and transposed and list(n.input) == [n.input[0], name] and n.input[0] != name
+    if not users or not all(fits(n) for _, n in users):
+        return None
+    lay = layout(theta)
+    ins = [b.const(lay["B"], "nbits"), b.const(lay["scales"], "scales")]
+    if not getattr(scheme, "symmetric", False):
+        ins.append(b.const(lay["zero_points"], "zero_points"))
+    for i, n in reversed(users):
+        out = n.output[0]
+        y = out if len(n.input) < 3 or not n.input[2] else b.fresh("MatMulNBits")
+        new = [helper.make_node("MatMulNBits", [n.input[0], *ins], [y], domain="com.microsoft", **lay["attrs"])]
+        if y != out:
+            new.append(helper.make_node("Add", [y, n.input[2]], [out]))
+        graph.node.remove(n)
+        for k, node in enumerate(new):
+            graph.node.insert(i + k, node)
+    if via is not None:
+        graph.node.remove(via)
+    return f"matmulnbits/{lay['attrs']['bits']}bit/b{lay['attrs']['block_size']}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -4,10 +4,11 @@ from .additive import Additive
 from .base import Scheme, Theta, registry, scheme_from_dict
 from .lowrank import LowRank, RankSelection
 from .prune import L0Penalty, L1Ball, L1Penalty, Prune, project_l1_ball
+from .uniform import Uniform
 from .quantize import Binarize, Codebook, FixedCodebook, ScaledBinarize, ScaledTernary, kmeans_1d
 
 __all__ = [
     "Additive", "Binarize", "Codebook", "FixedCodebook", "L0Penalty", "L1Ball", "L1Penalty",
-    "LowRank", "Prune", "RankSelection", "ScaledBinarize", "ScaledTernary", "Scheme", "Theta",
+    "LowRank", "Prune", "RankSelection", "ScaledBinarize", "ScaledTernary", "Scheme", "Theta", "Uniform",
     "kmeans_1d", "project_l1_ball", "registry", "scheme_from_dict",
 ]

@@ -91,6 +91,9 @@ class Scheme(ABC):
         b.initializer(out, self.decompress(theta, shape).detach().cpu().numpy())
         return "dense"
 
+    #: the lowest ONNX opset (default domain) that `onnx_decode` needs
+    onnx_opset: ClassVar[int] = 18
+
     def factors(self, theta: Theta) -> tuple[Tensor, Tensor] | None:
         """(U (m, r), V (r, n)) when Δ(θ) is the product U V of the weight as a matrix, else None."""
         return None

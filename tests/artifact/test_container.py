@@ -165,6 +165,16 @@ def _np_delta(scheme, parts, manifest_parts, shape, dtype):
         table = np.sort(np.array(scheme["values"], np.float64)).astype(dtype)
         assert encs == {"codes": "bitpack"} and manifest_parts["codes"]["bits"] == _code_bits(table.size)
         return table[z], None
+    if name == "uniform":  # Δ = s · (q − z) per block of group_size columns of the (out, K) matrix
+        bits, g = scheme["bits"], scheme["group_size"]
+        q = parts["codes"].astype(dtype)
+        m, k = q.shape
+        col = np.arange(k) // (g or k)
+        s = parts["scale"].astype(dtype)
+        z = (np.full(s.shape, 2 ** (bits - 1)) if scheme["symmetric"] else parts["zero"]).astype(dtype)
+        assert encs == ({"codes": "bitpack", "scale": "raw"} | ({} if scheme["symmetric"] else {"zero": "bitpack"}))
+        assert manifest_parts["codes"]["bits"] == bits and s.shape == (m, -(-k // (g or k)))
+        return (s[:, col] * (q - z[:, col])).reshape(-1), None
     table = np.array(_TABLES[name], dtype)
     assert encs == {"scale": "raw", "codes": "bitpack"} and manifest_parts["codes"]["bits"] == _code_bits(table.size)
     assert parts["scale"].shape == (1,)

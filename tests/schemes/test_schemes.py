@@ -24,6 +24,7 @@ EXAMPLES = {
     "lowrank": lcc.LowRank(3),
     "rank_selection": lcc.RankSelection(alpha=1e-3),
     "additive": lcc.Additive((lcc.Codebook(k=2), lcc.Prune(keep=0.05))),
+    "uniform": lcc.Uniform(bits=3, group_size=16),
 }
 
 
