@@ -112,7 +112,7 @@ def onnx_error(path: Path, X: torch.Tensor, y: torch.Tensor) -> float:
     return 100 * wrong / len(X)
 
 
-def tasks(alpha: float) -> dict[str, lcc.Recipe]:
+def tasks(alpha: float, model: nn.Module, x: torch.Tensor) -> dict[str, lcc.Recipe]:
     return {
         "prune 5% (global)": lcc.Recipe.single(LAYERS, lcc.Prune(keep=0.05), joint=True),
         "prune 1% (global)": lcc.Recipe.single(LAYERS, lcc.Prune(keep=0.01), joint=True),
@@ -120,13 +120,17 @@ def tasks(alpha: float) -> dict[str, lcc.Recipe]:
         "codebook k=2": lcc.Recipe.single(LAYERS, lcc.Codebook(k=2)),
         # conv1 (20×25) and fc2 (10×500) cannot get cheaper by a factorization worth having
         f"rank selection α={alpha:g}": lcc.Recipe.single(["conv2.weight", "fc1.weight"], lcc.RankSelection(alpha=alpha)),
+        # what runtimes execute compressed: uniform int grids, whole filters and rows removed
+        "uniform int4 g32": lcc.Recipe.single(LAYERS, lcc.Uniform(bits=4, group_size=32)),
+        "uniform int2 per-channel": lcc.Recipe.single(LAYERS, lcc.Uniform(bits=2)),
+        "structured 50%": lcc.Recipe.structured(model, (x,), lcc.StructuredPrune(keep=0.5)),
     }
 
 
 def config(a: argparse.Namespace) -> lcc.LCConfig:
     """`steps` L steps of one (sub-sampled) epoch; μ₀ and its growth from the schemes' defaults
     (the growth rescaled to `steps`, so μ ends where the default 40 steps would take it)."""
-    return lcc.LCConfig(steps=a.steps, epochs=1, first_epochs=1, lr=a.lr)
+    return lcc.LCConfig(steps=a.steps, epochs=1, first_epochs=1, lr=a.lr, optimizer=a.optimizer)
 
 
 def run(a: argparse.Namespace, out: Path) -> dict:
@@ -141,7 +145,7 @@ def run(a: argparse.Namespace, out: Path) -> dict:
              "onnx_bytes": disk_bytes(out / "reference.onnx"), "container_bytes": disk_bytes(out / "reference.safetensors"),
              "ratio": 1.0, "wall_s": time.perf_counter() - t0}]
     train = loader(*data["train"], 128, epoch_size=min(a.epoch_size, len(data["train"][0])))
-    for ti, (task, recipe) in enumerate(tasks(a.alpha).items()):
+    for ti, (task, recipe) in enumerate(tasks(a.alpha, ref, x).items()):
         if a.tasks and not any(t in task for t in a.tasks.split(",")):
             continue
         cfg = config(a)
@@ -220,6 +224,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15, help="LC steps; DC+FT trains as many epochs (default 15)")
     ap.add_argument("--epoch-size", type=int, default=15000, help="samples per L-step epoch (default 15000)")
     ap.add_argument("--lr", type=float, default=0.02, help="L-step / fine-tuning learning rate (default 0.02)")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                    help="L-step / fine-tuning optimizer (default sgd, the one the README table was measured with)")
     ap.add_argument("--alpha", type=float, default=1e-5, help="rank selection α (default 1e-5)")
     ap.add_argument("--batch", type=int, default=32, help="batch of the timing table (default 32)")
     ap.add_argument("--repeats", type=int, default=50, help="timed runs per model (default 50)")

@@ -86,6 +86,15 @@ def print_report(r: Mapping[str, Any], console: Console) -> None:
         procs = f" on {b['processes']} processes" if b.get("processes", 1) > 1 else ""
         console.print(f"budget: {b['steps']:,} optimizer steps ({b['samples']:,} samples{epochs}){procs}",
                       highlight=False)
+    d = r.get("device_figures")
+    if d:
+        a, ref = d["artifact"], d["reference"]
+        mib = 2 ** 20
+        lat = "; ".join(f"batch {b}: {a['latency_ms'][str(b)]:.3f} ms ({a['latency_ms'][str(b)] / max(ref['latency_ms'][str(b)], 1e-9):.2f}× dense)"
+                        for b in d["batches"])
+        console.print(f"onnxruntime, {d['threads']} thread: session memory {a['session_bytes'] / mib:.1f} MiB "
+                      f"({a['session_bytes'] / max(ref['session_bytes'], 1):.2f}× dense {ref['session_bytes'] / mib:.1f} MiB); "
+                      f"latency {lat}", highlight=False)
     console.print(f"method {r['method']}; time {tm.get('total', 0):.1f} s (L steps {tm.get('lstep', 0):.1f} s, "
                   f"C steps {tm.get('cstep', 0):.2f} s)", highlight=False)
 

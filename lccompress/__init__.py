@@ -11,7 +11,7 @@ from .methods import METHODS, compress, one_shot
 from .recipe import Group, Recipe, Rule, Span
 from .schemes import (
     Additive, Binarize, Codebook, FixedCodebook, L0Penalty, L1Ball, L1Penalty, LowRank, Prune,
-    RankSelection, ScaledBinarize, ScaledTernary, Scheme, Theta, Uniform, kmeans_1d, registry,
+    RankSelection, ScaledBinarize, ScaledTernary, Scheme, StructuredPrune, Theta, Uniform, kmeans_1d, registry,
     scheme_from_dict,
 )
 from .version import __version__
@@ -20,5 +20,5 @@ __all__ = [
     "Additive", "Binarize", "Codebook", "ConfigError", "DivergenceError", "FixedCodebook", "Group",
     "L0Penalty", "L1Ball", "L1Penalty", "LCConfig", "LCError", "LStepContext", "LowRank", "METHODS", "Prune",
     "RankSelection", "Recipe", "Result", "Rule", "ScaledBinarize", "ScaledTernary", "Scheme", "Span",
-    "StepRecord", "Theta", "Uniform", "__version__", "compress", "kmeans_1d", "one_shot", "registry", "scheme_from_dict",
+    "StepRecord", "StructuredPrune", "Theta", "Uniform", "__version__", "compress", "kmeans_1d", "one_shot", "registry", "scheme_from_dict",
 ]

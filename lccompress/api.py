@@ -312,6 +312,10 @@ class CompressJob:
     resume: bool = False
     trust_checkpoint: bool = False
     fixed_recipe: bool = False
+    #: the recipe's rule is structured pruning: its units come from the model's graph (traced on the example input)
+    structured: bool = False
+    #: for an ONNX artifact, measure what onnxruntime sees (session memory, latency) against the dense model
+    device_report: bool = True
     argv: list[str] = field(default_factory=lambda: sys.argv[1:])
 
 
@@ -322,6 +326,19 @@ class CompressOutcome:
     report: dict[str, Any]
     artifact: Path
     result: Result
+
+
+def _structured(recipe: Recipe, model: nn.Module | None, data: Mapping[str, Any], job: CompressJob) -> Recipe:
+    """The structured rule resolved against the model's graph: its channel groups, traced on the
+    example input (the first batch, or --input / --example / --input-shape)."""
+    if model is None:
+        raise ConfigError("structured pruning follows channels through the model's graph: give --model FILE.py:FUNC")
+    x = ExampleSpec(job.input_shape, job.inputs, job.example).resolve(data, "structured pruning")[0]
+    if x.kwargs or not x.args or not all(isinstance(a, Tensor) for a in x.args):
+        raise ConfigError("structured pruning traces models called with positional tensors only")
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    rule = recipe.rules[0]
+    return Recipe.structured(model, tuple(a.to(dev) for a in x.args), rule.scheme, include=rule.params)
 
 
 def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) -> CompressOutcome:
@@ -367,6 +384,8 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     if data:
         model.to(device).eval()
         data, loss_fn, metric = make_task(model, data, job.loss, job.metric, job.output, device)
+    if job.structured:
+        recipe = _structured(recipe, model, data, job)
     example = None
     if out.suffix == ".onnx":  # a missing or unfitting example fails before any training
         example = ExampleSpec(job.input_shape, job.inputs, job.example).resolve(data, "ONNX export")
@@ -519,6 +538,9 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         if dtypes:
             thetas = cast_(result.model, result.thetas, result.groups, dtypes)
         save(out, result.model, thetas, result.groups, recipe=recipe)
+    device_figs = None
+    if out.suffix == ".onnx" and job.device_report:
+        device_figs = device_report(out, model, example, job.output)
     size = size_report(out)
     ref_bytes = sum(t.numel() * t.element_size() for t in ck.state_dict.values())
     art_bytes = disk_bytes(out)
@@ -539,8 +561,35 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         "compression_ratio": ref_bytes / max(1, art_bytes), "metric": metric, "onnx_max_rel_diff": onnx_diff,
         "per_class": classes, "layers": rep.layers(result.groups, result.thetas, size),
         "timings": {k: round(v, 3) for k, v in result.timings.items()}, "budget": result.budget,
-        "history": [vars(h) for h in result.history],
+        "history": [vars(h) for h in result.history], "device_figures": device_figs,
     }
+
+
+def device_report(path: Path, reference: nn.Module, example: tuple[Inputs, Any], output: str | None = None,
+                  batches: Sequence[int] = (1, 32), repeats: int = 20) -> dict[str, Any]:
+    """What onnxruntime sees (`artifact.runtime.measure_onnx`: session memory, median latency at each
+    batch size, one thread) for the ONNX file at `path` and for the dense reference model exported
+    the same way: {"artifact": {...}, "reference": {...}, "batches": [...]}."""
+    import tempfile
+
+    import onnx
+
+    from .artifact import export_onnx
+    from .artifact.onnx_export import feeds
+    from .artifact.runtime import batch_feed, measure_onnx
+
+    x, axes = example
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in g.initializer}
+    feed = feeds([i.name for i in g.input if i.name not in inits], x)
+    per = {b: batch_feed(feed, b) for b in batches}
+    with tempfile.TemporaryDirectory(prefix="lccompress-ref-") as tmp:
+        ref = Path(tmp) / "reference.onnx"
+        export_onnx(reference.cpu(), {}, [], x, ref, dynamic_axes=axes, output=output)
+        figs = {"artifact": measure_onnx(path, per, repeats=repeats), "reference": measure_onnx(ref, per, repeats=repeats)}
+    return {"batches": list(batches), "threads": 1,
+            **{k: {"file_bytes": f.file_bytes, "session_bytes": f.session_bytes,
+                   "latency_ms": {str(b): round(ms, 4) for b, ms in f.latency_ms.items()}} for k, f in figs.items()}}
 
 
 def _stored_dtypes(dtype: str | None, ck, model: nn.Module) -> dict[str, torch.dtype]:

@@ -11,13 +11,14 @@ import fnmatch
 import os
 import tomllib
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
 from .schemes.base import Scheme, Theta, scheme_from_dict
+from .structure import ChannelGroup, Slice
 
 
 def match(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
@@ -40,6 +41,8 @@ class Rule:
     params: tuple[str, ...]
     scheme: Scheme
     joint: bool = False
+    #: structured units: each entry the channel groups of one constraint (`unit_groups`)
+    units: tuple[tuple[ChannelGroup, ...], ...] = ()
 
     def __post_init__(self) -> None:
         p = (self.params,) if isinstance(self.params, str) else tuple(self.params)
@@ -47,7 +50,7 @@ class Rule:
             raise ConfigError(f"params={self.params!r} must be parameter names or globs")
         if not isinstance(self.scheme, Scheme):
             raise ConfigError(f"scheme={self.scheme!r} is not a Scheme")
-        if self.joint and not self.scheme.joinable:
+        if self.joint and not self.scheme.joinable and not self.units:
             raise ConfigError(f"scheme {self.scheme.name!r} applies to one tensor at a time; use joint=False")
         object.__setattr__(self, "params", p)
 
@@ -98,6 +101,92 @@ class Group(Span):
 
 
 @dataclass(frozen=True)
+class UnitGroup(Group):
+    """A constraint over units that span several parameters: the channels of coupled layers
+    (`structure.ChannelGroup`s: a conv's filters with their bias and BatchNorm entries, the
+    layers a residual add joins). The scheme sees the matrix (channels, D): row c holds every
+    producer entry of channel c (rows of the channel groups stacked; shorter rows zero-padded).
+    Every producer parameter is covered entirely by the units, so `scatter` rebuilds them whole."""
+
+    units: tuple[ChannelGroup, ...] = ()
+
+    def _widths(self, shapes: Mapping[str, torch.Size]) -> list[list[int]]:
+        return [[shapes[s.name].numel() // shapes[s.name][s.dim] * s.per for s in u.producers] for u in self.units]
+
+    @property
+    def shape(self) -> torch.Size:
+        sizes = dict(zip(self.params, self.shapes))
+        width = max(sum(w) for w in self._widths(sizes))
+        return torch.Size([sum(u.channels for u in self.units), width])
+
+    def gather(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        width = self.shape[1]
+        rows = []
+        for u in self.units:
+            cols = [tensors[s.name].narrow(s.dim, s.offset, u.channels * s.per).movedim(s.dim, 0).reshape(u.channels, -1)
+                    for s in u.producers]
+            m = torch.cat(cols, 1)
+            rows.append(torch.nn.functional.pad(m, (0, width - m.shape[1])))
+        return torch.cat(rows, 0)
+
+    def scatter(self, w: Tensor) -> dict[str, Tensor]:
+        sizes = dict(zip(self.params, self.shapes))
+        out = {p: w.new_zeros(sizes[p]) for p in self.params}
+        w = w.reshape(self.shape)
+        start = 0
+        for u, widths in zip(self.units, self._widths(sizes)):
+            block, col = w[start:start + u.channels], 0
+            for s, width in zip(u.producers, widths):
+                rest = [d for i, d in enumerate(sizes[s.name]) if i != s.dim]
+                piece = block[:, col:col + width].reshape([u.channels * s.per] + rest).movedim(0, s.dim)
+                out[s.name].narrow(s.dim, s.offset, u.channels * s.per).copy_(piece)
+                col += width
+            start += u.channels
+        return out
+
+
+def unit_groups(model: nn.Module, example: Any) -> tuple[list[tuple[ChannelGroup, ...]], list[str]]:
+    """The model's channel groups (`structure.channel_groups`) joined where they share a producer
+    parameter (a BatchNorm behind a concatenation), keeping only those whose producer parameters
+    they cover entirely; and one-line reasons for the channels left out."""
+    from .structure import channel_groups
+
+    groups, why = channel_groups(model, tuple(example) if isinstance(example, (tuple, list)) else (example,))
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        for s in g.producers:
+            if s.name in owner:
+                parent[find(i)] = find(owner[s.name])
+            owner[s.name] = i
+    comps: dict[int, list[ChannelGroup]] = {}
+    for i, g in enumerate(groups):
+        comps.setdefault(find(i), []).append(g)
+    shapes = {**{n: p.shape for n, p in model.named_parameters()}}
+    out = []
+    for members in comps.values():
+        cover: dict[str, list[tuple[int, int, int]]] = {}
+        for g in members:
+            for s in g.producers:
+                cover.setdefault(s.name, []).append((s.dim, s.offset, s.offset + g.channels * s.per))
+        whole = all(len({d for d, _, _ in iv}) == 1 and sum(b - a for _, a, b in iv) == shapes[n][iv[0][0]]
+                    for n, iv in cover.items())
+        if whole:
+            out.append(tuple(members))
+        else:
+            names = ", ".join(sorted(m for g in members for m in g.modules))
+            why.append(f"{names}: shares a parameter with channels that cannot be removed")
+    return out, why
+
+
+@dataclass(frozen=True)
 class Recipe:
     rules: tuple[Rule, ...]
 
@@ -124,17 +213,41 @@ class Recipe:
                 taken[n] = ri
                 if not named[n].is_floating_point():
                     raise ConfigError(f"parameter {n!r} is not floating point")
-            if rule.joint:
+            if rule.units:
+                for comp in rule.units:
+                    ps = tuple(dict.fromkeys(sl.name for u in comp for sl in u.producers))
+                    missing = [p for p in ps if p not in names]
+                    if missing:
+                        raise ConfigError(f"structured units name {', '.join(missing)}, not among the rule's parameters")
+                    groups.append(UnitGroup("+".join(ps), ps, tuple(named[p].shape for p in ps), rule.scheme, comp))
+            elif rule.joint:
                 groups.append(Group("+".join(names), tuple(names), tuple(named[n].shape for n in names), rule.scheme))
             else:
                 groups += [Group(n, (n,), (named[n].shape,), rule.scheme) for n in names]
         for g in groups:
-            if not g.scheme.joinable and len(g.params) > 1:
+            if not g.scheme.joinable and len(g.params) > 1 and not isinstance(g, UnitGroup):
                 raise ConfigError(f"scheme {g.scheme.name!r} cannot span several tensors")
         return groups
 
+    @classmethod
+    def structured(cls, model: nn.Module, example: Any, scheme: Scheme, include: Iterable[str] = ()) -> "Recipe":
+        """One rule of `scheme` (StructuredPrune) over the model's prunable channel groups
+        (`unit_groups`: coupled layers together), found by tracing the model on `example` (a
+        tensor or a tuple of positional inputs); `include` globs restrict it to the groups with a
+        matching producer parameter."""
+        comps, why = unit_groups(model, example)
+        pats = list(include)
+        if pats:
+            comps = [c for c in comps if any(fnmatch.fnmatchcase(sl.name, p) for u in c for sl in u.producers for p in pats)]
+        if not comps:
+            raise ConfigError("no channels can be removed from this model" + (f" ({why[0]})" if why else ""))
+        params = tuple(dict.fromkeys(sl.name for c in comps for u in c for sl in u.producers))
+        return cls((Rule(params, scheme, units=tuple(comps)),))
+
     def to_dict(self) -> dict:
-        return {"rules": [{"params": list(r.params), "joint": r.joint, **r.scheme.to_dict()} for r in self.rules]}
+        return {"rules": [{"params": list(r.params), "joint": r.joint, **r.scheme.to_dict(),
+                           **({"units": [[units_to_dict(u) for u in c] for c in r.units]} if r.units else {})}
+                          for r in self.rules]}
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "Recipe":
@@ -162,7 +275,36 @@ class Recipe:
             for r in d["rules"]:
                 r = dict(r)
                 params, joint = r.pop("params"), bool(r.pop("joint", False))
-                rules.append(Rule(tuple([params] if isinstance(params, str) else params), scheme_from_dict(r), joint))
+                units = tuple(tuple(units_from_dict(u) for u in c) for c in r.pop("units", ()))
+                rules.append(Rule(tuple([params] if isinstance(params, str) else params), scheme_from_dict(r), joint, units))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"a recipe needs rules with params and scheme: {e}") from None
         return cls(tuple(rules))
+
+
+def units_to_dict(u: ChannelGroup) -> dict:
+    """A channel group as plain JSON: slices as [name, dim, per, offset]."""
+    sl = lambda xs: [[x.name, x.dim, x.per, x.offset] for x in xs]  # noqa: E731
+    return {"channels": u.channels, "producers": sl(u.producers), "buffers": sl(u.buffers),
+            "consumers": sl(u.consumers), "modules": list(u.modules)}
+
+
+def units_from_dict(d: Any) -> ChannelGroup:
+    """Inverse of `units_to_dict`; ConfigError naming what is malformed."""
+    def sl(xs: Any) -> tuple[Slice, ...]:
+        out = []
+        for x in xs:
+            name, dim, per, offset = x
+            if not isinstance(name, str) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                    for v in (dim, per, offset)) or per < 1:
+                raise ValueError(f"bad slice {x!r}")
+            out.append(Slice(name, dim, per, offset))
+        return tuple(out)
+    try:
+        ch = d["channels"]
+        if not isinstance(ch, int) or isinstance(ch, bool) or ch < 1:
+            raise ValueError(f"channels={ch!r}")
+        return ChannelGroup(ch, sl(d["producers"]), sl(d.get("buffers", [])), sl(d.get("consumers", [])),
+                            tuple(str(m) for m in d.get("modules", [])))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"malformed structured unit ({type(e).__name__}: {e})") from None

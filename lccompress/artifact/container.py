@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..errors import LCError
-from ..recipe import Group, Recipe
+from ..recipe import Group, Recipe, UnitGroup, units_from_dict, units_to_dict
 from ..schemes.base import Theta, scheme_from_dict
 from ..schemes.codecs import RAW, decode_part, dtype_name, dtype_of
 from ..util import atomic_write
@@ -61,6 +61,8 @@ def encode_theta(group: Group, theta: Theta, dtype: torch.dtype | None = None) -
         "bits": sum(t.numel() * t.element_size() * 8 for t in stored.values()),
         "scheme_bits": int(group.bits(theta)), "parts": parts,
     }
+    if isinstance(group, UnitGroup):
+        entry["units"] = [units_to_dict(u) for u in group.units]
     return stored, entry
 
 
@@ -219,6 +221,20 @@ def _group(name: str, e: Any, path: Any) -> Group:
         raise ArtifactError(f"{where}: malformed manifest entry ({type(err).__name__}: {err})") from None
     if not params or len(params) != len(shapes) or not all(isinstance(p, str) for p in params):
         raise ArtifactError(f"{where}: params {list(params)} and shapes {[list(s) for s in shapes]} do not match")
+    if "units" in e:
+        try:
+            units = tuple(units_from_dict(u) for u in e["units"])
+            g = UnitGroup(name, params, shapes, scheme, units)
+            sizes = dict(zip(params, shapes))
+            for u in units:
+                for sl in u.producers:
+                    if sl.name not in sizes or sl.dim >= len(sizes[sl.name]) or \
+                            sl.offset + u.channels * sl.per > sizes[sl.name][sl.dim]:
+                        raise ValueError(f"slice {sl} does not fit the group's parameters")
+            g.shape  # noqa: B018 - the slices fit the shapes
+        except (LCError, TypeError, ValueError, KeyError, IndexError, RuntimeError) as err:
+            raise ArtifactError(f"{where}: malformed structured units ({err})") from None
+        return g
     return Group(name, params, shapes, scheme)
 
 

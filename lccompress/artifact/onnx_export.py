@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..modelio import Inputs, as_inputs, prediction
-from ..recipe import Group
+from ..recipe import Group, UnitGroup
 from ..schemes.base import Theta
+from ..structure import shrink
 from ..util import atomic_write, copy_module
 from .container import META_KEY, encode_theta, split_lowrank_
 from .size import SEAL_KEY, onnx_seal
@@ -251,6 +252,12 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
         for g in groups:
             for p, t in g.decompress(th[g.name]).items():
                 params[p].copy_(t)
+    units = [g for g in groups if isinstance(g, UnitGroup)]
+    groups = [g for g in groups if not isinstance(g, UnitGroup)]
+    if units:  # structured pruning: the layers shrink
+        m = _shrink(m, units, th, groups)
+        params = dict(m.named_parameters())
+    with torch.no_grad():
         deltas = {p: _np(params[p]) for g in groups for p in g.params}
     ins = list(input_names or onnx_input_names(m, example))
     split = set(split_lowrank_(m, th, groups)) if split_lowrank else set()
@@ -289,6 +296,13 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     inits = {t.name: t for t in mp.graph.initializer}
     b, drop, enc, meta = _Builder(), set(), {}, {}
     nbits = matmul_nbits
+    for g in units:
+        _, entry = encode_theta(g, th[g.name])
+        entry.pop("bits")
+        entry.pop("units")
+        used = [f"model.{p}" for p in g.params if f"model.{p}" in inits]
+        enc.update({p: "structured/shrunk" for p in g.params})
+        meta[g.name] = {**entry, "initializers": used, "parts": {p: {"enc": "structured/shrunk"} for p in g.params}}
     for g in groups:
         _, entry = encode_theta(g, th[g.name])
         entry.pop("bits")
@@ -344,6 +358,27 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     onnx.checker.check_model(mp)
     atomic_write(path, mp.SerializeToString())
     return enc
+
+
+def _shrink(m: nn.Module, units: list[UnitGroup], th: Mapping[str, Theta], others: list[Group]) -> nn.Module:
+    """The model with the removed channels of structured groups cut out (`structure.shrink`); the
+    model already holds Δ(θ), so the removed channels' producers are zero and the function is the same."""
+    cgs, kept = [], []
+    for g in units:
+        rows = th[g.name]["rows"].long()
+        start = 0
+        for u in g.units:
+            k = rows[(rows >= start) & (rows < start + u.channels)] - start
+            # a group with nothing kept keeps one channel: its producers are zero, so it changes nothing
+            cgs.append(u)
+            kept.append(k if k.numel() else torch.zeros(1, dtype=torch.long))
+            start += u.channels
+    touched = {sl.name for u in cgs for sl in (*u.producers, *u.consumers)}
+    clash = sorted(p for g in others for p in g.params if p in touched)
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: compressed by another scheme and resized by structured pruning; "
+                          "the ONNX export supports one or the other on a layer")
+    return shrink(m, cgs, kept)
 
 
 MATMUL_NBITS = (4,)  # bit widths that run as MatMulNBits; ORT's other widths use slow reference kernels

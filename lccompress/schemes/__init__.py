@@ -4,11 +4,12 @@ from .additive import Additive
 from .base import Scheme, Theta, registry, scheme_from_dict
 from .lowrank import LowRank, RankSelection
 from .prune import L0Penalty, L1Ball, L1Penalty, Prune, project_l1_ball
+from .structured import StructuredPrune
 from .uniform import Uniform
 from .quantize import Binarize, Codebook, FixedCodebook, ScaledBinarize, ScaledTernary, kmeans_1d
 
 __all__ = [
     "Additive", "Binarize", "Codebook", "FixedCodebook", "L0Penalty", "L1Ball", "L1Penalty",
-    "LowRank", "Prune", "RankSelection", "ScaledBinarize", "ScaledTernary", "Scheme", "Theta", "Uniform",
+    "LowRank", "Prune", "RankSelection", "ScaledBinarize", "ScaledTernary", "Scheme", "StructuredPrune", "Theta", "Uniform",
     "kmeans_1d", "project_l1_ball", "registry", "scheme_from_dict",
 ]
