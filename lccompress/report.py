@@ -106,6 +106,11 @@ def markdown(r: Mapping[str, Any]) -> str:
 
 
 def summary_text(s: Mapping[str, Any]) -> str:
+    if "units" in s:
+        return f"{s['kept']:,} of {s['units']:,} channels"
+    if "group_size" in s:
+        where = f"groups of {s['group_size']}" if s["group_size"] else "per channel"
+        return f"{s['bits_per_weight']:.2f} bits/weight, {where}" + (", symmetric" if s.get("symmetric") else "")
     if "kept" in s:
         return f"{s['kept']:,} kept ({100 * s['density']:.2f} %)"
     if "rank" in s:

@@ -1,7 +1,7 @@
 """The house's arrows, read from the source: no import cycles, no forbidden arrows, no private names.
 
     cli → api, sweep → methods → {algorithms: train, lc, lc_state, fw, digits}
-                                 {formats: artifact, checkpoint, report}  → recipe, modelio → schemes → util, errors
+                                 {formats: artifact, checkpoint, report}  → recipe, modelio → schemes, structure → util, errors
 
 Formats know nothing of training, `fw` never imports `lc`, nothing under lccompress/ imports
 rich or click (the screen belongs to the CLI). Every import counts, also those inside functions.
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = {  # module prefix → layer; a module may import only lower layers, or its own package
     "lccompress.errors": 0, "lccompress.version": 0, "lccompress.util": 0,
-    "lccompress.schemes": 1,
+    "lccompress.schemes": 1, "lccompress.structure": 1,
     "lccompress.recipe": 2, "lccompress.modelio": 2, "lccompress.distributed": 2,
     "lccompress.train": 3, "lccompress.lc": 3, "lccompress.lc_config": 3, "lccompress.lc_state": 3, "lccompress.fw": 3, "lccompress.digits": 3,
     "lccompress.artifact": 3, "lccompress.checkpoint": 3, "lccompress.report": 3,

@@ -25,6 +25,7 @@ EXAMPLES = {
     "rank_selection": lcc.RankSelection(alpha=1e-3),
     "additive": lcc.Additive((lcc.Codebook(k=2), lcc.Prune(keep=0.05))),
     "uniform": lcc.Uniform(bits=3, group_size=16),
+    "structured": lcc.StructuredPrune(keep=0.5),
 }
 
 
