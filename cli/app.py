@@ -173,9 +173,11 @@ def _run(ckpt: str, build: Callable[[list[str]], Any], opts: dict[str, Any], **e
 @click.option("--structured", is_flag=True,
               help="Keep that fraction of whole channels (filters, output rows) of each group of coupled layers; "
                    "exported layers shrink.")
+@click.option("--global", "across", is_flag=True,
+              help="With --structured: keep that fraction of all channels, the largest over all layers.")
 @compression_options
 @guarded()
-def prune(ckpt: str, keep: float, per_layer: bool, structured: bool, **opts: Any) -> None:
+def prune(ckpt: str, keep: float, per_layer: bool, structured: bool, across: bool, **opts: Any) -> None:
     """Prune to a fraction of the weights (ℓ0 constraint, global top-k by default), or of whole
     channels (--structured: the exact group-ℓ0 projection, the layers shrink on export).
 
@@ -187,9 +189,12 @@ def prune(ckpt: str, keep: float, per_layer: bool, structured: bool, **opts: Any
 
     if structured:
         if per_layer:
-            raise UsageError("--structured keeps the fraction per group of coupled layers; drop --per-layer")
-        _run(ckpt, lambda names: Recipe.single(names, StructuredPrune(keep=keep)), opts, structured=True)
+            raise UsageError("--structured keeps the fraction per group of coupled layers (or --global); drop --per-layer")
+        scheme = StructuredPrune(keep=keep)
+        _run(ckpt, lambda names: Recipe.single(names, scheme), opts, structured="global" if across else "groups")
         return
+    if across:
+        raise UsageError("--global applies to --structured (plain pruning is global by default)")
     _run(ckpt, lambda names: Recipe.single(names, Prune(keep=keep), joint=not per_layer), opts)
 
 

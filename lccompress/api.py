@@ -312,8 +312,9 @@ class CompressJob:
     resume: bool = False
     trust_checkpoint: bool = False
     fixed_recipe: bool = False
-    #: the recipe's rule is structured pruning: its units come from the model's graph (traced on the example input)
-    structured: bool = False
+    #: the recipe's rule is structured pruning, its units from the model's graph (traced on the example
+    #: input): "groups" (one constraint per group of coupled layers) or "global" (one over all channels)
+    structured: str | None = None
     #: for an ONNX artifact, measure what onnxruntime sees (session memory, latency) against the dense model
     device_report: bool = True
     argv: list[str] = field(default_factory=lambda: sys.argv[1:])
@@ -338,7 +339,10 @@ def _structured(recipe: Recipe, model: nn.Module | None, data: Mapping[str, Any]
         raise ConfigError("structured pruning traces models called with positional tensors only")
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     rule = recipe.rules[0]
-    return Recipe.structured(model, tuple(a.to(dev) for a in x.args), rule.scheme, include=rule.params)
+    if job.structured not in ("groups", "global"):
+        raise ConfigError(f"structured={job.structured!r} must be 'groups' or 'global'")
+    return Recipe.structured(model, tuple(a.to(dev) for a in x.args), rule.scheme, include=rule.params,
+                             joint=job.structured == "global")
 
 
 def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) -> CompressOutcome:
@@ -376,6 +380,8 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
         recipe = job.build_recipe([])
     else:
         recipe = job.build_recipe(select(subject, model is not None, job.include, job.exclude))
+    if job.structured:
+        recipe = _structured(recipe, model, data, job)
     _refuse_growing_ranks(recipe.groups(subject))  # resolve now: a bad glob fails before any training
     device = resolve_device(job.device)
 
@@ -384,8 +390,6 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
     if data:
         model.to(device).eval()
         data, loss_fn, metric = make_task(model, data, job.loss, job.metric, job.output, device)
-    if job.structured:
-        recipe = _structured(recipe, model, data, job)
     example = None
     if out.suffix == ".onnx":  # a missing or unfitting example fails before any training
         example = ExampleSpec(job.input_shape, job.inputs, job.example).resolve(data, "ONNX export")

@@ -230,11 +230,13 @@ class Recipe:
         return groups
 
     @classmethod
-    def structured(cls, model: nn.Module, example: Any, scheme: Scheme, include: Iterable[str] = ()) -> "Recipe":
+    def structured(cls, model: nn.Module, example: Any, scheme: Scheme, include: Iterable[str] = (),
+                   joint: bool = False) -> "Recipe":
         """One rule of `scheme` (StructuredPrune) over the model's prunable channel groups
         (`unit_groups`: coupled layers together), found by tracing the model on `example` (a
-        tensor or a tuple of positional inputs); `include` globs restrict it to the groups with a
-        matching producer parameter."""
+        tensor or a tuple of positional inputs): one constraint per group, or with `joint` one
+        over all their channels (keep the largest over all layers). `include` globs restrict it
+        to the groups with a matching producer parameter."""
         comps, why = unit_groups(model, example)
         pats = list(include)
         if pats:
@@ -242,6 +244,8 @@ class Recipe:
         if not comps:
             raise ConfigError("no channels can be removed from this model" + (f" ({why[0]})" if why else ""))
         params = tuple(dict.fromkeys(sl.name for c in comps for u in c for sl in u.producers))
+        if joint:
+            comps = [tuple(u for c in comps for u in c)]
         return cls((Rule(params, scheme, units=tuple(comps)),))
 
     def to_dict(self) -> dict:

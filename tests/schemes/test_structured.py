@@ -119,3 +119,23 @@ def test_cli_structured_refusals(fx, tmp_path):
     errors = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
     assert res.exit_code != 0 and len(errors) == 1 and "--model" in errors[0] and "Traceback" not in res.output
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_global_keeps_the_largest_channels_over_all_layers():
+    torch.manual_seed(0)
+    model, x = randomize(ResNet(), 0).eval(), torch.randn(2, 3, 8, 8)
+    recipe = lcc.Recipe.structured(model, (x,), lcc.StructuredPrune(keep=0.3), joint=True)
+    r = lcc.compress(model, recipe, method="dc")
+    assert len(r.groups) == 1
+    sd = dict(model.named_parameters())
+    norms, zero = [], []
+    for u in r.groups[0].units:  # each channel's squared norm over its producers, from the slices themselves
+        n2 = sum(sd[s.name].narrow(s.dim, s.offset, u.channels * s.per).movedim(s.dim, 0)
+                 .reshape(u.channels, -1).pow(2).sum(1) for s in u.producers)
+        norms.append(n2)
+        new = dict(r.model.named_parameters())
+        zero.append(sum(new[s.name].narrow(s.dim, s.offset, u.channels * s.per).movedim(s.dim, 0)
+                        .reshape(u.channels, -1).abs().sum(1) for s in u.producers) == 0)
+    norms, zero = torch.cat(norms), torch.cat(zero)
+    kept = set(torch.topk(norms, round(0.3 * norms.numel())).indices.tolist())
+    assert set((~zero).nonzero().reshape(-1).tolist()) == kept
