@@ -86,7 +86,9 @@ class _Sweep:
         inside = m <= m1[:, :, None]
         steps = torch.where(inside, a[:, :, None] / (m - 0.5), lo[:, None, None]).reshape(G, -1)
         order = torch.argsort(steps, dim=1, descending=True)
-        self.s = torch.cat([hi[:, None], torch.gather(steps, 1, order)], 1)  # (G, 1 + g·T), a no-op first
+        real = int(inside.reshape(G, -1).sum(1).max()) if x.numel() else 0
+        order = order[:, :real]  # the padding sorts last (at s = lo): dropped
+        self.s = torch.cat([hi[:, None], torch.gather(steps, 1, order)], 1)  # (G, 1 + steps), a no-op first
         del steps
         self.m = torch.cat([m.new_full((G, 1), top + 1),
                             torch.gather(torch.where(inside, m, top + 1).reshape(G, -1), 1, order)], 1)
