@@ -285,15 +285,20 @@ def compress_cmd(ckpt: str, recipe_path: str, **opts: Any) -> None:
 @click.option("--data", "data_spec", help="Data function; the first batch is the example input.")
 @click.option("--sparse", type=click.Choice(["packed", "dense"]), default="packed", show_default=True,
               help="Pruned weights as positions + values, or dense with zeros.")
+@click.option("--dequantize", type=click.Choice(["qdq", "fold"]), default="qdq", show_default=True,
+              help="Uniform grids outside MatMulNBits: DequantizeLinear (kept by the runtime), or arithmetic "
+                   "onnxruntime folds into dense weights at load (dense speed, smallest file).")
+@click.option("--no-matmul-nbits", is_flag=True, help="4-bit Linear weights as DequantizeLinear, not MatMulNBits.")
 @guarded()
 def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None, inputs: tuple[str, ...],
-           example: str | None, output: str | None, data_spec: str | None, sparse: str) -> None:
+           example: str | None, output: str | None, data_spec: str | None, sparse: str, dequantize: str,
+           no_matmul_nbits: bool) -> None:
     """Export a compressed artifact to ONNX and check it in onnxruntime.
 
     Example: lccompress export small.safetensors --onnx small.onnx --model net.py:make --input-shape 1,64
     """
     r = api.export(artifact, onnx_out, model_spec, input_shape, data_spec, sparse, inputs=inputs, example=example,
-                   output=output)
+                   output=output, dequantize=dequantize, matmul_nbits=not no_matmul_nbits)
     err_console.print(f"wrote {r.path}: {r.bytes:,} bytes; onnxruntime vs torch: max abs diff "
                       f"{r.max_abs:.3g}, max rel diff {r.max_rel:.3g}", highlight=False)
 

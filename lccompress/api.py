@@ -626,7 +626,8 @@ class ExportOutcome:
 
 def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | None = None,
            data_spec: str | None = None, sparse: str = "packed", *, inputs: Sequence[str] = (),
-           example: str | None = None, output: str | None = None) -> ExportOutcome:
+           example: str | None = None, output: str | None = None, dequantize: str = "qdq",
+           matmul_nbits: bool = True) -> ExportOutcome:
     """Export a compressed artifact to ONNX with the model from `model_spec`, checked in onnxruntime;
     the example input from `inputs`, `example`, `input_shape` or the data's first batch (`ExampleSpec`)."""
     from .artifact import disk_bytes, export_onnx, load, load_into_, verify_onnx
@@ -640,7 +641,8 @@ def export(artifact: str, onnx_out: str, model_spec: str, input_shape: str | Non
     spec = ExampleSpec(input_shape, tuple(inputs), example)
     given = bool(input_shape or inputs or example)
     x, axes = spec.resolve(load_data(data_spec) if data_spec and not given else None, "export")
-    export_onnx(model, art.thetas, art.groups, x, out, sparse=sparse, dynamic_axes=axes, output=output)
+    export_onnx(model, art.thetas, art.groups, x, out, sparse=sparse, dynamic_axes=axes, output=output,
+                dequantize=dequantize, matmul_nbits=matmul_nbits)
     diff = verify_onnx(out, model, x, output=output)
     return ExportOutcome(out, disk_bytes(out), diff["max_abs"], diff["max_rel"])
 

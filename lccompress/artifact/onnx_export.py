@@ -14,12 +14,18 @@ built-in ones are:
                or as a bit mask m, W = Where(m, v[CumSum(m) − 1], 0), whichever is smaller;
                "dense": Δ(θ) with its zeros as a plain initializer
     additive   the sum of the terms' decoders; low rank inside it: MatMul(U, V)
+    uniform    4-bit Linear / MatMul weights: com.microsoft.MatMulNBits over the packed codes;
+               others: "qdq" DequantizeLinear (uint4 / uint8, per axis or blocked), or "fold"
+               W = (codes − z)·s from codes bit-packed at b bits
+    structured the model's layers shrink before the export (no decoder)
 
 Every decoder input is a constant, so onnxruntime folds the decoders into dense initializers
-when it loads the model: the file is small, memory and latency are those of the dense model.
-Only split low-rank layers stay compressed in memory (and are faster). Sparse initializers are
-not used: the ONNX checker requires int64 indices (8 bytes per kept weight), and onnxruntime
-densifies them at load anyway.
+when it loads the model: the file is small, memory and latency are those of the dense model —
+except DequantizeLinear, which it keeps (so QDQ-aware runtimes see it) and runs at every call
+(its memory and latency are then above the dense model's on the CPU). Split low-rank layers,
+MatMulNBits and shrunk layers stay compressed in memory (and are faster). Sparse initializers
+are not used: the ONNX checker requires int64 indices (8 bytes per kept weight), and
+onnxruntime densifies them at load anyway.
 """
 
 from __future__ import annotations
@@ -222,7 +228,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
                 path: Any, *, sparse: str = "packed", split_lowrank: bool = True, opset: int | None = None,
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                 dynamic_batch: bool = True, dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
-                output: str | None = None, matmul_nbits: bool = True) -> dict[str, str]:
+                output: str | None = None, matmul_nbits: bool = True, dequantize: str = "qdq") -> dict[str, str]:
     """Export `model` with weights Δ(θ) to a single ONNX file at `path` (written atomically).
 
     `example_input` is a tensor, a tuple of positional arguments, or `modelio.Inputs` (positional
@@ -231,12 +237,15 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
     `dynamic_axes` (default: `default_dynamic_axes`) and axis 0 of every output are dynamic.
     The outputs are `graph_outputs(model(…), output)`. `sparse` is "packed" or "dense" (see the
     module doc). With `matmul_nbits`, 4-bit uniform grids of Linear / MatMul weights run as ONNX
-    Runtime's com.microsoft.MatMulNBits. `opset` defaults to the lowest the decoders need (18, or
+    Runtime's com.microsoft.MatMulNBits; other uniform grids are decoded by DequantizeLinear
+    (`dequantize="qdq"`) or by plain arithmetic that onnxruntime folds at load ("fold"). `opset` defaults to the lowest the decoders need (18, or
     21 for DequantizeLinear). The input model is not changed. Returns the encoding used for each
     compressed parameter.
     """
     if sparse not in ("packed", "dense"):
         raise ConfigError(f"sparse={sparse!r} must be 'packed' or 'dense'")
+    if dequantize not in ("qdq", "fold"):
+        raise ConfigError(f"dequantize={dequantize!r} must be 'qdq' or 'fold'")
     need = max([18] + [g.scheme.onnx_opset for g in groups])  # BitwiseAnd (18); DequantizeLinear blocked, uint4 (21)
     if opset is None:
         opset = need
@@ -327,7 +336,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
                 continue
         single = len(g.params) == 1 and first is not None and not first[1]  # decode straight into it
         flat = first[0] if single else b.fresh(g.name)
-        desc = g.scheme.onnx_decode(b, th[g.name], tuple(g.shape), flat, sparse=sparse)
+        desc = g.scheme.onnx_decode(b, th[g.name], tuple(g.shape), flat, sparse=sparse, dequantize=dequantize)
         start = 0
         for p, s in zip(g.params, g.shapes):
             hit, end = hits[p], start + s.numel()

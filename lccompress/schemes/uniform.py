@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Scheme, Theta, dtype_bits, numel
-from .codecs import Codes
+from .codecs import Codes, onnx_unpack
 
 GROUP_SIZES = (0, 16, 32, 64, 128, 256)
 _ROWS = 1 << 14  # weights per chunk of the C step (its events: weights × (2ᵇ − 1))
@@ -269,16 +269,30 @@ class Uniform(Scheme):
     def codecs(self, theta: Theta) -> dict[str, Any]:
         return {"codes": Codes(2 ** self.width), "zero": Codes(2 ** self.width)}
 
-    def onnx_decode(self, b: Any, theta: Theta, shape: tuple[int, ...], out: str, **options: Any) -> str:
-        """W by DequantizeLinear (opset 21): codes as uint4 (b ≤ 4) or uint8, blocked along K (or
-        per row), reshaped to the weight's shape. Linear / MatMul weights of 4 bits go to
-        MatMulNBits instead (see `matmul_nbits`), chosen by the exporter."""
+    def onnx_decode(self, b: Any, theta: Theta, shape: tuple[int, ...], out: str, *, dequantize: str = "qdq",
+                    **options: Any) -> str:
+        """W by DequantizeLinear (opset 21, `dequantize="qdq"`): codes as uint4 (b ≤ 4) or uint8,
+        blocked along K (or per row), reshaped to the weight's shape; or ("fold") by arithmetic
+        on constants, W = (codes − z)·s with the codes bit-packed at b bits, which onnxruntime
+        folds into a dense weight at load. Linear / MatMul weights of 4 bits go to MatMulNBits
+        instead (see `matmul_nbits`), chosen by the exporter."""
         q = theta["codes"].detach().cpu().numpy()
         s = theta["scale"].detach().cpu().numpy()
         z = self.zero_points(theta).cpu().numpy()
         m, k = q.shape
         nb = s.shape[1]
         g = self.group_size or k
+        if dequantize == "fold":  # blocks (m, nb, g), the last padded with its zero point (decodes to 0)
+            w = next(w for w in (1, 2, 4, 8) if w >= self.width)
+            qp = np.repeat(z[:, :, None], g, axis=2).reshape(m, nb * g)
+            qp[:, :k] = q
+            codes = b.op("Cast", [onnx_unpack(b, qp.reshape(-1), m * nb * g, w)], to=s.dtype.type)
+            zs = b.op("Cast", [b.const(z.reshape(m, nb, 1), "zero")], to=s.dtype.type)
+            x = b.op("Mul", [b.op("Sub", [b.op("Reshape", [codes, b.i64(m, nb, g)]), zs]),
+                             b.const(s.reshape(m, nb, 1), "scale")])
+            x = b.op("Slice", [b.op("Reshape", [x, b.i64(m, nb * g)]), b.i64(0), b.i64(k), b.i64(1)])
+            b.op("Reshape", [x, b.i64(*shape)], out)
+            return f"codes/{w}bit-uniform"
         kind = "uint4" if self.width <= 4 else "uint8"
         qs = b.qconst(q, kind, "codes")
         if nb == 1:  # per output channel: per-axis

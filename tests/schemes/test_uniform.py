@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lccompress as lcc
+from lccompress.artifact import size_report
 from lccompress.artifact.onnx_export import export_onnx, verify_onnx
 from lccompress.schemes.uniform import _fit
 
@@ -145,3 +146,21 @@ def test_matmul_nbits_on_a_sequence_input(tmp_path):
     enc = export_onnx(r.model, r.thetas, r.groups, torch.randn(2, 5, 64), tmp_path / "s.onnx")
     assert set(enc.values()) == {"matmulnbits/4bit/b16"}
     assert verify_onnx(tmp_path / "s.onnx", r.model, torch.randn(3, 9, 64))["max_rel"] < 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_folded_form_is_smaller_and_matches_torch(tmp_path, bits):
+    """"fold": codes bit-packed at the grid's width, decoded by arithmetic that onnxruntime folds."""
+    torch.manual_seed(0)
+    model = _Net().eval()
+    r = lcc.compress(model, lcc.Recipe.single(["conv.weight", "fc1.weight", "fc2.weight"],
+                                             lcc.Uniform(bits=bits, group_size=16)), method="dc")
+    x = torch.randn(2, 1, 8, 8)
+    enc = export_onnx(r.model, r.thetas, r.groups, x, tmp_path / "f.onnx", dequantize="fold", matmul_nbits=False)
+    width = {2: 2, 3: 4, 8: 8}[bits]
+    assert set(enc.values()) == {f"codes/{width}bit-uniform"}
+    assert verify_onnx(tmp_path / "f.onnx", r.model, torch.randn(7, 1, 8, 8))["max_rel"] < 1e-5
+    export_onnx(r.model, r.thetas, r.groups, x, tmp_path / "q.onnx", matmul_nbits=False)
+    if bits == 2:  # DequantizeLinear holds 2-bit codes in uint4: the folded weights are smaller
+        fold, qdq = (sum(g.stored_bits for g in size_report(tmp_path / f).groups) for f in ("f.onnx", "q.onnx"))
+        assert fold < 0.8 * qdq
