@@ -137,7 +137,13 @@ def run(a: argparse.Namespace, out: Path) -> dict:
     data = load_data(Path(a.data), a.train_size, a.test_size)
     Xte, yte = data["test"]
     t0 = time.perf_counter()
-    ref = train_reference(data, a.ref_epochs, a.ref_lr, a.seed)
+    if a.reference and Path(a.reference).exists():  # a reference trained by an earlier run with the same settings
+        ref = LeNet5()
+        ref.load_state_dict(torch.load(a.reference, weights_only=True))
+    else:
+        ref = train_reference(data, a.ref_epochs, a.ref_lr, a.seed)
+        if a.reference:
+            torch.save(ref.state_dict(), a.reference)
     x = Xte[:2]
     export_onnx(ref, {}, [], x, out / "reference.onnx")
     save(out / "reference.safetensors", ref, {}, [])
@@ -230,6 +236,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="batch of the timing table (default 32)")
     ap.add_argument("--repeats", type=int, default=50, help="timed runs per model (default 50)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference", metavar="PATH",
+                    help="load the reference from PATH if it exists, else train it and save it there")
     ap.add_argument("--tasks", help="only tasks whose name contains one of these comma-separated words")
     ap.add_argument("--no-timing", action="store_true", help="skip the rank-64 timing table")
     ap.add_argument("--threads", type=int, default=1)
