@@ -7,7 +7,7 @@ compressed — bytes on disk, resident memory of the session, latency, and agree
     python benchmarks/deploy.py --tables 1 --sizes 4096          # one table, chosen sizes
 
 Most of the default run is DC itself: the 8-bit uniform C step on the 4096×4096 weight takes
-about 5 minutes on one thread.
+a couple of minutes on one thread.
 
 Every file is measured by `lccompress.artifact.runtime.measure_onnx` (a fresh child process, one
 intra-op thread, default graph optimisations; see that module's docstring): session memory is
