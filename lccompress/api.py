@@ -329,6 +329,31 @@ class CompressOutcome:
     result: Result
 
 
+def output_axes(recipe: Recipe, model: nn.Module) -> Recipe:
+    """The recipe with uniform grids of GPT-2-style Conv1D weights (stored (in, out)) set to
+    `axis=1`, so their scales run along the output channels as for a Linear (and the export can
+    use MatMulNBits)."""
+    from .recipe import match
+    from .schemes import Uniform
+
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    if not conv1d:
+        return recipe
+    named = dict(model.named_parameters())
+    rules = []
+    for r in recipe.rules:
+        if isinstance(r.scheme, Uniform) and r.scheme.axis == 0 and not r.joint and not r.units:
+            names = match(r.params, named)
+            turned = [n for n in names if n in conv1d and named[n].dim() == 2]
+            if turned:
+                rest = tuple(n for n in names if n not in turned)
+                s = r.scheme
+                rules += ([Rule(rest, s)] if rest else []) + [Rule(tuple(turned), Uniform(s.width, s.group_size, s.symmetric, axis=1))]
+                continue
+        rules.append(r)
+    return Recipe(tuple(rules))
+
+
 def _structured(recipe: Recipe, model: nn.Module | None, data: Mapping[str, Any], job: CompressJob) -> Recipe:
     """The structured rule resolved against the model's graph: its channel groups, traced on the
     example input (the first batch, or --input / --example / --input-shape)."""
@@ -382,6 +407,8 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
         recipe = job.build_recipe(select(subject, model is not None, job.include, job.exclude))
     if job.structured:
         recipe = _structured(recipe, model, data, job)
+    if model is not None and not job.fixed_recipe:
+        recipe = output_axes(recipe, model)
     _refuse_growing_ranks(recipe.groups(subject))  # resolve now: a bad glob fails before any training
     device = resolve_device(job.device)
 

@@ -409,12 +409,16 @@ def _matmul_nbits(b: _Builder, graph: onnx.GraphProto, scheme: Any, theta: Theta
         name, transposed = via.output[0], True
         users = [(i, n) for i, n in enumerate(graph.node) if name in n.input]
 
+    # the product needs W as (N, K): the initializer holds it so (Linear), or its transpose (Linear's
+    # MatMul form, or GPT-2's Conv1D whose θ the scheme keeps output-first: axis 1)
+    as_nk = transposed != (getattr(scheme, "axis", 0) == 1)
+
     def fits(n: onnx.NodeProto) -> bool:
         at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         if n.op_type == "Gemm":
-            return (not transposed and list(n.input).index(name) == 1 and at.get("transB", 0) == 1
+            return (list(n.input).index(name) == 1 and at.get("transB", 0) == (0 if as_nk else 1)
                     and at.get("transA", 0) == 0 and at.get("alpha", 1.0) == 1.0 and at.get("beta", 1.0) == 1.0)
-        return n.op_type == "MatMul" and transposed and list(n.input) == [n.input[0], name] and n.input[0] != name
+        return n.op_type == "MatMul" and as_nk and list(n.input) == [n.input[0], name] and n.input[0] != name
     if not users or not all(fits(n) for _, n in users):
         return None
     lay = layout(theta)

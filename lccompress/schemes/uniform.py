@@ -168,6 +168,7 @@ class Uniform(Scheme):
     width: int
     group_size: int
     symmetric: bool
+    axis: int
     name = "uniform"
     joinable = False
     onnx_opset = 21
@@ -175,10 +176,11 @@ class Uniform(Scheme):
     # steps (μ ≈ 0.2); a faster growth closes the gap within the budget
     lc_defaults = {**Scheme.lc_defaults, "mu_growth": 1.25}
 
-    def __init__(self, bits: int = 4, group_size: int = 0, symmetric: bool = False) -> None:
+    def __init__(self, bits: int = 4, group_size: int = 0, symmetric: bool = False, axis: int = 0) -> None:
         object.__setattr__(self, "width", bits)
         object.__setattr__(self, "group_size", group_size)
         object.__setattr__(self, "symmetric", symmetric)
+        object.__setattr__(self, "axis", axis)
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -189,13 +191,26 @@ class Uniform(Scheme):
                               "(0: per output channel)")
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric={self.symmetric!r} must be true or false")
+        if self.axis not in (0, 1) or isinstance(self.axis, bool):
+            raise ConfigError(f"axis={self.axis!r} must be 0 (weights stored (out, in)) or 1 ((in, out), "
+                              "GPT-2's Conv1D)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheme": self.name, "bits": self.width, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {"scheme": self.name, "bits": self.width, "group_size": self.group_size, "symmetric": self.symmetric,
+                **({"axis": self.axis} if self.axis else {})}
 
-    @staticmethod
-    def _matrix(shape) -> tuple[int, int]:
+    def _out_first(self, w: Tensor) -> Tensor:
+        """The weight with its output axis first: as is, or a 2-D (in, out) weight transposed (axis 1)."""
+        if self.axis == 1:
+            if w.dim() != 2:
+                raise ConfigError(f"axis=1 applies to 2-D weights, got shape {tuple(w.shape)}")
+            return w.T
+        return w
+
+    def _matrix(self, shape) -> tuple[int, int]:
         shape = tuple(shape)
+        if self.axis == 1 and len(shape) == 2:
+            return shape[1], shape[0]
         return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
 
     def blocks(self, shape) -> tuple[int, int]:
@@ -206,7 +221,7 @@ class Uniform(Scheme):
 
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
         m, k = self._matrix(w.shape)
-        x, g = _blocks(w.detach().reshape(m, k), self.group_size)  # (m, nb, g)
+        x, g = _blocks(self._out_first(w.detach()).reshape(m, k), self.group_size)  # (m, nb, g)
         nb = x.shape[1]
         xs = x.reshape(m * nb, g)
         dt = w.dtype if w.is_floating_point() else torch.float32
@@ -243,7 +258,8 @@ class Uniform(Scheme):
         g = self.group_size or k
         col = torch.arange(k, device=q.device) // g  # block of each column
         z = self.zero_points(theta).to(s.dtype)
-        return (s[:, col] * (q.to(s.dtype) - z[:, col])).reshape(shape)
+        w = s[:, col] * (q.to(s.dtype) - z[:, col])  # (out, K)
+        return (w.T if self.axis == 1 and len(shape) == 2 else w).reshape(shape)
 
     def bits_of(self, shape, scale_bits: int) -> int:
         """Bits of θ for a weight of this shape with scales of `scale_bits`."""
@@ -294,7 +310,7 @@ class Uniform(Scheme):
             x = b.op("Mul", [b.op("Sub", [b.op("Reshape", [codes, b.i64(m, nb, g)]), zs]),
                              b.const(s.reshape(m, nb, 1), "scale")])
             x = b.op("Slice", [b.op("Reshape", [x, b.i64(m, nb * g)]), b.i64(0), b.i64(k), b.i64(1)])
-            b.op("Reshape", [x, b.i64(*shape)], out)
+            self._onnx_out(b, x, shape, out)
             return f"codes/{w}bit-uniform"
         kind = "uint4" if self.width <= 4 else "uint8"
         qs = b.qconst(q, kind, "codes")
@@ -302,8 +318,15 @@ class Uniform(Scheme):
             x = b.op("DequantizeLinear", [qs, b.const(s.reshape(m), "scale"), b.qconst(z.reshape(m), kind, "zero")], axis=0)
         else:
             x = b.op("DequantizeLinear", [qs, b.const(s, "scale"), b.qconst(z, kind, "zero")], axis=1, block_size=g)
-        b.op("Reshape", [x, b.i64(*shape)], out)
+        self._onnx_out(b, x, shape, out)
         return f"dequantize/{kind}" + (f"/g{g}" if nb > 1 else "/channel")
+
+    def _onnx_out(self, b: Any, x: str, shape: tuple[int, ...], out: str) -> None:
+        """The (out, K) matrix x as the weight of `shape`: transposed back for axis 1, reshaped otherwise."""
+        if self.axis == 1 and len(shape) == 2:
+            b.op("Transpose", [x], out, perm=[1, 0])
+        else:
+            b.op("Reshape", [x, b.i64(*shape)], out)
 
     def matmul_nbits(self, theta: Theta) -> dict[str, Any]:
         """θ in ONNX Runtime's MatMulNBits layout (weight (N, K) = (out, in)): B (N, blocks,

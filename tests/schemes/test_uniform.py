@@ -164,3 +164,46 @@ def test_folded_form_is_smaller_and_matches_torch(tmp_path, bits):
     if bits == 2:  # DequantizeLinear holds 2-bit codes in uint4: the folded weights are smaller
         fold, qdq = (sum(g.stored_bits for g in size_report(tmp_path / f).groups) for f in ("f.onnx", "q.onnx"))
         assert fold < 0.8 * qdq
+
+
+class Conv1D(torch.nn.Module):
+    """A layer stored as GPT-2 stores it: weight (in, out), y = x W + b."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_in, n_out) * 0.1)
+        self.bias = torch.nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        return torch.matmul(x, self.weight) + self.bias
+
+
+def test_axis_1_quantizes_the_transpose():
+    w = torch.randn(40, 24, generator=torch.Generator().manual_seed(2))  # (in, out)
+    s1, s0 = lcc.Uniform(bits=4, group_size=16, axis=1), lcc.Uniform(bits=4, group_size=16)
+    t1, t0 = s1.compress(w), s0.compress(w.T.contiguous())
+    assert all(torch.equal(t1[k], t0[k]) for k in t0)  # θ is the (out, in) grid of the transpose
+    assert torch.equal(s1.decompress(t1, w.shape), s0.decompress(t0, (24, 40)).T)
+    assert lcc.scheme_from_dict(s1.to_dict()) == s1 and "axis" not in s0.to_dict()
+    with pytest.raises(lcc.ConfigError, match="axis"):
+        lcc.Uniform(axis=2)
+
+
+def test_conv1d_layers_run_as_matmul_nbits(tmp_path):
+    from lccompress.api import output_axes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Conv1D(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 8)).eval()
+    recipe = output_axes(lcc.Recipe.single(["0.weight", "2.weight"], lcc.Uniform(bits=4, group_size=16)), model)
+    assert {r.params: r.scheme.axis for r in recipe.rules} == {("2.weight",): 0, ("0.weight",): 1}
+    r = lcc.compress(model, recipe, method="dc")
+    enc = export_onnx(r.model, r.thetas, r.groups, torch.randn(2, 5, 64), tmp_path / "c.onnx")
+    assert set(enc.values()) == {"matmulnbits/4bit/b16"}
+    assert verify_onnx(tmp_path / "c.onnx", r.model, torch.randn(3, 7, 64))["max_rel"] < 1e-4
+    enc = export_onnx(r.model, r.thetas, r.groups, torch.randn(2, 5, 64), tmp_path / "d.onnx", matmul_nbits=False)
+    assert enc["0.weight"] == "dequantize/uint4/g16"
+    assert verify_onnx(tmp_path / "d.onnx", r.model, torch.randn(3, 7, 64))["max_rel"] < 1e-4
+    enc = export_onnx(r.model, r.thetas, r.groups, torch.randn(2, 5, 64), tmp_path / "f.onnx", matmul_nbits=False,
+                      dequantize="fold")
+    assert enc["0.weight"] == "codes/4bit-uniform"
+    assert verify_onnx(tmp_path / "f.onnx", r.model, torch.randn(3, 7, 64))["max_rel"] < 1e-4
