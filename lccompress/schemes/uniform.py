@@ -11,11 +11,14 @@ integer zero point z_g ∈ [0, 2ᵇ − 1] (z_g = 2ᵇ⁻¹ when symmetric), and
 when symmetric). This is ONNX Runtime's MatMulNBits and ONNX DequantizeLinear (blocked, int4 /
 int8) layout, so the exporter maps θ onto them without re-quantizing.
 
-The C step projects each block onto its grid family: for fixed (s, z) the best codes round to
-the nearest level; it searches s over the min–max scale shrunk by factors 1 … 0.3 (clipping the
-outliers), with z the best integer for each s, then alternates codes ↔ least-squares (s, z) while
-the error falls. It starts from min–max rounding (the range including zero), so it is never
-worse than it. Everything is vectorized over blocks, 2²⁰ weights at a time.
+The C step projects each block onto its grid family. With z fixed, the best codes round to the
+nearest level and the error is piecewise quadratic in s, with a break wherever a weight's code
+changes level; `_Sweep` walks those breaks in order and takes the exact best s within a window
+around the min–max scale (or, warm, the last scale). Zero points are tried outward from
+min–max's (or the last) while the error falls, and min–max rounding (the range including zero)
+is always a candidate, so the result is never worse than it. Blocks are processed 2¹⁴ weights at
+a time, vectorized. `axis=1` is for weights stored (in, out) (GPT-2's Conv1D): θ is then the
+grid of the transpose, output channels first, as for every other layer.
 """
 
 from __future__ import annotations
@@ -162,8 +165,9 @@ class Uniform(Scheme):
     """Uniform b-bit grid per output channel (group_size 0) or per block of `group_size` weights
     along the input dimension, with a scale and (unless `symmetric`) an integer zero point each.
 
-    Made as Uniform(bits=4, group_size=32, symmetric=False); the width is kept as `.width`, since
-    `Scheme.bits(θ, shape)` is the storage cost."""
+    Made as Uniform(bits=4, group_size=32, symmetric=False, axis=0); the width is kept as `.width`,
+    since `Scheme.bits(θ, shape)` is the storage cost. `axis` is the output axis of a 2-D weight:
+    0 for (out, in) (Linear), 1 for (in, out) (GPT-2's Conv1D)."""
 
     width: int
     group_size: int
