@@ -60,14 +60,7 @@ class Prune(_Sparse):
     name = "prune"
 
     def __post_init__(self) -> None:
-        if (self.keep is None) == (self.count is None):
-            raise ConfigError("prune needs exactly one of keep (a fraction) or count")
-        if self.keep is not None:
-            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not (0 < self.keep <= 1):
-                raise ConfigError(f"keep={self.keep!r} must be a fraction in (0, 1]")
-        if self.count is not None:
-            if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-                raise ConfigError(f"count={self.count!r} must be an integer ≥ 1")
+        check_keep_count(self.keep, self.count, "prune")
 
     def kappa(self, n: int) -> int:
         return kappa(n, keep=self.keep, count=self.count)
@@ -76,6 +69,16 @@ class Prune(_Sparse):
         flat = w.detach().reshape(-1)
         idx = top_magnitude(flat, self.kappa(flat.numel()))
         return {"indices": idx, "values": flat[idx].clone()}
+
+
+def check_keep_count(keep: float | None, count: int | None, what: str) -> None:
+    """ConfigError unless exactly one of keep (a fraction in (0, 1]) or count (an integer ≥ 1) is given."""
+    if (keep is None) == (count is None):
+        raise ConfigError(f"{what} needs exactly one of keep (a fraction) or count")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1):
+        raise ConfigError(f"keep={keep!r} must be a fraction in (0, 1]")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConfigError(f"count={count!r} must be an integer ≥ 1")
 
 
 def top_magnitude(flat: Tensor, k: int) -> Tensor:

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..util import kappa
 from .base import Scheme, Theta, dtype_bits, index_bits
 from .codecs import Positions
+from .prune import check_keep_count
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,7 @@ class StructuredPrune(Scheme):
     lc_defaults = {**Scheme.lc_defaults, "mu0": 0.05, "curvature_scale": 3.5}
 
     def __post_init__(self) -> None:
-        if (self.keep is None) == (self.count is None):
-            raise ConfigError("structured pruning needs exactly one of keep (a fraction) or count")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
-                                      or not 0 < self.keep <= 1):
-            raise ConfigError(f"keep={self.keep!r} must be a fraction in (0, 1]")
-        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
-            raise ConfigError(f"count={self.count!r} must be an integer ≥ 1")
+        check_keep_count(self.keep, self.count, "structured pruning")
 
     @staticmethod
     def _rows(w: Tensor) -> Tensor:
