@@ -123,6 +123,9 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--mu-growth", type=click.FloatRange(min=0, min_open=True), help="μ growth per step (default: per family)."),
         click.option("--penalty", type=click.Choice(["al", "qp"]), default="al", show_default=True,
                      help="Augmented Lagrangian or quadratic penalty."),
+        click.option("--tail", type=click.FloatRange(min=0, max=1, max_open=True),
+                     help="Share of LC's budget that fine-tunes θ from the LC point at the end "
+                          "[default: 0.2, 0.5 for low rank; 0: none]."),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed: same seed, same bytes."),
         click.option("--input-shape", help="Example input shape for ONNX export, e.g. 1,64 (default: first batch)."),

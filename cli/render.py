@@ -53,12 +53,14 @@ class Reporter:
 
     def step(self, r: StepRecord) -> None:
         metric = "" if r.metric is None else f"  metric {r.metric:.4f}"
-        self.done, self.last = r.step + 1, time.monotonic()
-        info = f"μ {r.mu:.3g}  loss {r.loss:.4f}  gap {r.gap:.2e}{metric}"
+        self.done, self.last = min(r.step + 1, self.steps), time.monotonic()
+        lc = r.phase in ("lc", "idc")
+        info = f"μ {r.mu:.3g}  loss {r.loss:.4f}  gap {r.gap:.2e}{metric}" if lc else f"loss {r.loss:.4f}{metric}"
+        where = f"step {r.step + 1}/{self.steps}" if lc else {"tail": "tail (θ trained)"}.get(r.phase, r.phase)
         if self.progress:
-            self.progress.update(self.task, completed=r.step + 1, info=info)
+            self.progress.update(self.task, completed=self.done, info=info)
         else:
-            self.console.print(f"step {r.step + 1}/{self.steps}  {info}", highlight=False)
+            self.console.print(f"{where}  {info}", highlight=False)
 
 
 def print_report(r: Mapping[str, Any], console: Console) -> None:

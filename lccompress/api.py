@@ -304,6 +304,8 @@ class CompressJob:
     amp: str = "off"
     mu0: float | None = None
     mu_growth: float | None = None
+    #: LC's last share of the budget, training θ itself (None: the schemes' default)
+    tail: float | None = None
     penalty: str = "al"
     device: str = "auto"
     seed: int = 0
@@ -434,7 +436,7 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
                    first_epochs=2 * (5 if job.epochs is None else job.epochs) if job.first_epochs is None
                    else job.first_epochs, budget=job.budget, cap=DEFAULT_CAP if default_epochs else None,
                    optimizer=job.optimizer, lr=job.lr, amp=job.amp, mu0=job.mu0,
-                   mu_growth=job.mu_growth, penalty=job.penalty)
+                   mu_growth=job.mu_growth, penalty=job.penalty, tail=job.tail)
     state_dir = Path(job.state_dir) if job.state_dir else out.with_name(out.name + ".lcstate")
     trains = method in ("lc", "idc")
     cb.start(f"{method.upper()} {recipe.rules[0].scheme.name}", job.steps)

@@ -69,6 +69,21 @@ def mean(values: list[float]) -> list[float]:
     return (t / world()).tolist()
 
 
+def average_gradients(tensors: list[torch.Tensor]) -> list[Any]:
+    """Hooks that replace each tensor's gradient by its mean over processes as backward computes
+    it (what DistributedDataParallel does for a module's parameters, here for any leaf tensors);
+    returns the handles, to be removed after training. Nothing when not under torchrun."""
+    if not active():
+        return []
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad.div_(world())
+
+    return [t.register_hook(hook) for t in tensors if t.requires_grad]
+
+
 def digest(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):

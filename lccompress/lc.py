@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from . import distributed
 from .errors import ConfigError
-from .lc_config import LCConfig, LStep, LStepContext, Result, StepRecord
+from .lc_config import LCConfig, LStep, LStepContext, Result, StepRecord, split
 from .lc_state import LCState, fingerprint
 from .recipe import Recipe
 from .schemes.base import Theta, merge_lc_defaults
@@ -350,6 +350,13 @@ class _Run:
     def lc(self) -> Result:
         start, thetas, lam = self.restore() or (0, None, None)
         cfg = self.cfg
+        # LC's tail: the last share of a budget known in steps trains θ itself (`tune`); not for
+        # TorchScript (no swapped-in weights) or a user L step (its own training)
+        tail = self.plan is not None and bool(cfg.tail) and self.lstep is None \
+            and not isinstance(self.model, torch.jit.ScriptModule)
+        total = sum(self.plan) if tail else 0
+        if tail:
+            self.plan = split(total - round(cfg.tail * total), [cfg.epochs_at(k) for k in range(cfg.steps)])
         if thetas is None:
             thetas = self.cstep(self.weights(), None, cfg.mu0)
             lam = {n: torch.zeros_like(self.params[n]) for g in self.groups for n in g.params}
@@ -372,6 +379,11 @@ class _Run:
             self.checkpoint(k, thetas, lam)
             if gap < cfg.tol:
                 break
+        rest = total - int(self.tally.get("steps", 0)) if tail else 0
+        if rest > 0:  # the rest of the budget (the tail, and what an early stop left) trains θ itself
+            thetas, task = self.tune(thetas, rest, None, cfg.lr, "LC's tail")
+            self.record(step=len(self.history), mu=0.0, lr=cfg.lr, loss=task, gap=0.0, phase="tail",
+                        metric=self.evaluate(self.deltas(thetas)))
         return self.finish(thetas, "lc")
 
     def idc(self) -> Result:
@@ -387,7 +399,7 @@ class _Run:
             task, lr = self.train(k, None, None)
             thetas = self.cstep(self.weights(), thetas, cfg.mu(k))
             d = self.deltas(thetas)
-            self.record(step=k, mu=cfg.mu(k), lr=lr, loss=task, gap=self.gap(d), metric=self.evaluate(d))
+            self.record(step=k, mu=cfg.mu(k), lr=lr, loss=task, gap=self.gap(d), metric=self.evaluate(d), phase="idc")
             self.checkpoint(k, thetas, {})
         return self.finish(thetas, "idc")
 
@@ -395,10 +407,24 @@ class _Run:
         """DC, then train θ's free parts (kept values, codebook entries, factors) and the dense
         parameters for as many epochs as LC would, cosine learning rate; masks, codes, ranks fixed."""
         cfg = self.cfg
+        thetas = self.cstep(self.weights(), None, cfg.mu0)
+        iters = sum(self.plan) if self.plan is not None else None
+        thetas, task = self.tune(thetas, iters, None if iters else int(cfg.total_epochs), cfg.lr, "fine-tuning",
+                                 sum(self.limits) if self.limits else None)
+        self.record(step=0, mu=0.0, lr=cfg.lr, loss=task, gap=0.0, metric=self.evaluate(self.deltas(thetas)),
+                    phase="finetune")
+        return self.finish(thetas, "finetune")
+
+    def tune(self, thetas: dict[str, Theta], iters: int | None, epochs: int | None, lr: float, where: str,
+             limit: int | None = None) -> tuple[dict[str, Theta], float]:
+        """Train θ's free parts (kept values, codebook entries, factors) and the dense parameters
+        from `thetas` for `iters` optimizer steps (or whole `epochs`), the learning rate from `lr`
+        down a cosine; masks, codes, ranks stay fixed. Returns (θ, the task loss)."""
+        cfg = self.cfg
         if isinstance(self.model, torch.jit.ScriptModule):
             raise ConfigError("finetune needs a Python module (TorchScript cannot run with swapped-in "
                               "weights); give the model as code with --model")
-        thetas = self.cstep(self.weights(), None, cfg.mu0)
+        thetas = {name: dict(th) for name, th in thetas.items()}
         free: list[Tensor] = []
         for g in self.groups:
             th = thetas[g.name]
@@ -409,21 +435,23 @@ class _Run:
                     scale = 1.0 / fan[key].clamp(min=1).to(th[key].dtype)
                     th[key].register_hook(lambda grad, s=scale: grad * s)
                 free.append(th[key])
-        iters = sum(self.plan) if self.plan is not None else None
-        total = iters if iters is not None else int(cfg.total_epochs)
+        total = iters if iters is not None else epochs
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             return functional_call(self.model, self.deltas(thetas), args, kwargs)
 
         t = time.perf_counter()
         self.model.train()
-        task = train_epochs(forward, self.stream, [(free, cfg.lr), (self.dense, cfg.lr)],
-                            epochs=None if iters else total, iterations=iters, loss_fn=self.loss, device=self.device,
-                            optimizer=cfg.optimizer, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                            weight_decay=cfg.weight_decay, lr_factor=lambda e: cosine(e, total),
-                            guard=self.guard, where="fine-tuning", on_step=self.progress(iters), amp=cfg.amp,
-                            tally=self.tally, limit=sum(self.limits) if self.limits else None)
+        hooks = distributed.average_gradients(free + self.dense)  # under torchrun: as DDP would
+        try:
+            task = train_epochs(forward, self.stream, [(free, lr), (self.dense, lr)],
+                                epochs=None if iters else total, iterations=iters, loss_fn=self.loss,
+                                device=self.device, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                lr_factor=lambda e: cosine(e, total), guard=self.guard, where=where,
+                                on_step=self.progress(iters), amp=cfg.amp, tally=self.tally, limit=limit)
+        finally:
+            for h in hooks:
+                h.remove()
         self.t["lstep"] += time.perf_counter() - t
-        thetas = {name: {k: v.detach() for k, v in th.items()} for name, th in thetas.items()}
-        self.record(step=0, mu=0.0, lr=cfg.lr, loss=task, gap=0.0, metric=self.evaluate(self.deltas(thetas)))
-        return self.finish(thetas, "finetune")
+        return {name: {k: v.detach() for k, v in th.items()} for name, th in thetas.items()}, task

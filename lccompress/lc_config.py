@@ -38,6 +38,12 @@ class LCConfig:
     left as None are taken from the schemes' `lc_defaults` (1e-3, ×1.15, 0 for pruning and
     quantization; 1e-2, ×1.1, 5e-4 for low rank); growth and lr_decay are rescaled to the number
     of steps so that μ and the learning rate always end where 40 steps would take them.
+
+    `tail` is LC's last share of the budget in optimizer steps (None: 0.2, or 0.5 with low rank):
+    after the LC steps, θ itself (kept values, codebook entries, factors) and the dense parameters
+    train from the LC point, the learning rate from lr down a cosine, like fine-tuning (an LC run
+    that becomes feasible early gives the tail what it leaves). It needs the budget in steps: a
+    `budget`, or a training loader with a len().
     """
 
     steps: int = 40
@@ -60,6 +66,9 @@ class LCConfig:
     #: how the L step applies the pull: "grad" (in the gradient, SGD's lr clipped to lr_clip/μ),
     #: "prox" (an exact proximal step after each optimizer step), "auto" (prox for AdamW, grad for SGD)
     pull: str = "auto"
+    #: share of the budget that trains θ itself (the codebook entries, kept values, factors), from
+    #: the LC point, after the LC steps; None: the schemes' default (0.2, 0.5 for low rank)
+    tail: float | None = None
 
     def __post_init__(self) -> None:
         def pos(name: str, integer: bool = False, zero: bool = False) -> None:
@@ -80,6 +89,9 @@ class LCConfig:
         if self.budget is not None and self.budget < self.steps:
             raise ConfigError(f"budget={self.budget} optimizer steps is less than one per LC step ({self.steps}); "
                               "lower the steps or raise the budget")
+        if self.tail is not None and (isinstance(self.tail, bool) or not isinstance(self.tail, (int, float))
+                                      or not 0 <= self.tail < 1):
+            raise ConfigError(f"tail={self.tail!r} must be a share of the budget in [0, 1)")
         if self.penalty not in ("al", "qp"):
             raise ConfigError(f"penalty={self.penalty!r} must be 'al' (augmented Lagrangian) or 'qp' (quadratic penalty)")
         if self.momentum >= 1:
@@ -164,7 +176,9 @@ def split(total: int, weights: list[float]) -> list[int]:
 @dataclass
 class StepRecord:
     """One LC / iDC step: μ, mean task loss of the L step's last epoch, relative feasibility
-    gap ‖w − Δ(θ)‖²/‖w‖², the metric of the feasible model Δ(θ) (None without eval data)."""
+    gap ‖w − Δ(θ)‖²/‖w‖², the metric of the feasible model Δ(θ) (None without eval data).
+    `phase` is "lc" (or "idc"), "tail" for LC's tail and "finetune" for fine-tuning, which train θ
+    itself (μ and the gap 0)."""
 
     step: int
     mu: float
@@ -173,6 +187,7 @@ class StepRecord:
     gap: float
     metric: float | None
     seconds: float
+    phase: str = "lc"
 
 
 @dataclass

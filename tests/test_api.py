@@ -116,7 +116,7 @@ def test_compress_with_model_and_data_runs_lc_and_its_report_is_measured(fx, tmp
     argv = ["prune", fx["ckpt"], "--keep", "0.1"]
     job = CompressJob(checkpoint=fx["ckpt"], build_recipe=prune(0.1), out=str(out), report_path=str(report_path),
                       steps=2, epochs=1, first_epochs=1, model_spec=fx["model"], data_spec=fx["data"],
-                      device="cpu", argv=argv)
+                      device="cpu", argv=argv, tail=0)
     outcome = api.compress_checkpoint(job, rec.callbacks())
     r = outcome.report
     assert isinstance(outcome, api.CompressOutcome) and outcome.artifact == out

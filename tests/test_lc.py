@@ -109,8 +109,8 @@ def test_lc_on_digits_is_feasible_and_beats_dc(digits_ref):
     assert not torch.equal(lc.model.fc1.bias.detach(), ref.fc1.bias.detach())
     assert lc.metric == pytest.approx(1 - _err(lc.model, data))
     assert _err(lc.model, data) < _err(dc.model, data) - 0.05
-    assert [h.step for h in lc.history] == [0, 1, 2, 3, 4]
-    mus = [h.mu for h in lc.history]
+    assert [(h.step, h.phase) for h in lc.history] == [(k, "lc") for k in range(5)] + [(5, "tail")]
+    mus = [h.mu for h in lc.history if h.phase == "lc"]
     assert mus == pytest.approx([SMALL.mu0 * SMALL.mu_growth ** k for k in range(5)])
     assert lc.ratio == pytest.approx(50200 * 32 / (2510 * 32 + min(50200, 2510 * 16)))  # 16-bit positions
 
@@ -150,7 +150,7 @@ def test_idc_and_qp_run_and_stay_feasible(digits_ref):
         r = lcc.compress(ref, rec, data, method=method, config=lcc.LCConfig(steps=2, epochs=1, penalty=penalty),
                          device="cpu")
         assert torch.linalg.matrix_rank(r.model.fc1.weight.detach()) <= 8
-        assert len(r.history) == 2
+        assert [h.phase for h in r.history] == [method] * 2 + ["tail"] * (method == "lc")
 
 
 def test_nan_restores_and_halves_then_gives_up(digits_ref):
@@ -175,7 +175,7 @@ def test_lr_is_clipped_to_one_over_mu(digits_ref):
     ref, data = digits_ref
     cfg = lcc.LCConfig(steps=3, epochs=1, first_epochs=1, mu0=100.0, mu_growth=2.0, lr=0.05, optimizer="sgd")
     r = lcc.compress(ref, PRUNE, data, config=cfg, device="cpu")
-    assert [h.lr for h in r.history] == pytest.approx([0.01, 0.005, 0.0025])
+    assert [h.lr for h in r.history if h.phase == "lc"] == pytest.approx([0.01, 0.005, 0.0025])
 
 
 def test_bad_configuration_is_named():
@@ -205,7 +205,7 @@ def test_resume_continues_to_the_same_bytes(digits_ref, tmp_path):
     with pytest.raises(Stop):
         lcc.compress(ref, rec, data, config=cfg, device="cpu", seed=5, state_dir=tmp_path, callback=stop_after_two)
     resumed = lcc.compress(ref, rec, data, config=cfg, device="cpu", seed=5, state_dir=tmp_path, resume=True)
-    assert [h.step for h in resumed.history] == [0, 1, 2, 3]
+    assert [h.step for h in resumed.history] == [0, 1, 2, 3, 4]  # four LC steps and the tail
     sw, sr = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(sw[k], sr[k]) for k in sw)
     with pytest.raises(lcc.ConfigError, match="other settings"):
@@ -223,15 +223,57 @@ def test_default_schedule_comes_from_the_scheme_family_and_scales_with_steps():
     assert (c.mu0, c.mu_growth, c.weight_decay) == (1e-2, pytest.approx(1.1), 5e-4)
     c = lcc.LCConfig().resolve(both)
     assert (c.mu0, c.mu_growth, c.weight_decay) == (1e-3, pytest.approx(1.1), 5e-4)
+    # LC's tail: a fifth of the budget, half with low rank (the longest of a mixed recipe)
+    assert [lcc.LCConfig().resolve(g).tail for g in (prune, low, both)] == [0.2, 0.5, 0.5]
+    assert lcc.LCConfig(tail=0).resolve(low).tail == 0
     short = lcc.LCConfig(steps=14).resolve(prune)
     assert short.mu(13) == pytest.approx(lcc.LCConfig().resolve(prune).mu(39))  # same final μ
     assert lcc.LCConfig(steps=14, mu_growth=1.2).resolve(prune).mu_growth == 1.2  # explicit wins
 
 
+CODEBOOK = lcc.Recipe.single("fc*.weight", lcc.Codebook(k=2))
+
+
+def test_tail_is_the_rest_of_the_budget_training_theta_from_the_lc_point(digits_ref):
+    ref, data = digits_ref
+    progress: list[int] = []
+    cfg = lcc.LCConfig(steps=3, epochs=1, first_epochs=1, budget=60, tail=0.25)
+    r = lcc.compress(ref, CODEBOOK, data, config=cfg, device="cpu", seed=1,
+                     on_progress=lambda d, t: progress.append(t) if d == 1 else None)
+    # 45 optimizer steps of LC (15 per L step), then the tail's 15: the whole budget, no more
+    assert progress == [15, 15, 15, 15] and r.budget["steps"] == 60
+    assert [h.phase for h in r.history] == ["lc"] * 3 + ["tail"]
+    # the LC part is exactly an LC run with the budget less the tail, and no tail
+    alone = lcc.compress(ref, CODEBOOK, data, config=lcc.LCConfig(steps=3, epochs=1, first_epochs=1, budget=45,
+                                                                  tail=0), device="cpu", seed=1)
+    assert [(h.mu, h.loss, h.gap, h.metric) for h in alone.history] == \
+        [(h.mu, h.loss, h.gap, h.metric) for h in r.history[:3]]
+    # the tail trains the codebook entries, with the assignments of LC's last C step held fixed
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert torch.equal(r.thetas[name]["codes"], alone.thetas[name]["codes"])
+        assert not torch.equal(r.thetas[name]["codebook"], alone.thetas[name]["codebook"])
+        assert torch.equal(r.model.get_parameter(name).detach(),
+                           r.groups[[g.name for g in r.groups].index(name)].decompress(r.thetas[name])[name])
+    assert r.history[-1].metric == pytest.approx(r.metric)
+    assert r.metric > alone.metric  # the feasible model trained on: more accurate than where LC left it
+
+
+def test_an_early_stop_gives_the_rest_of_the_budget_to_the_tail(digits_ref):
+    ref, data = digits_ref
+    progress: list[int] = []
+    cfg = lcc.LCConfig(steps=3, epochs=1, first_epochs=1, budget=60, tail=0.25, tol=1.0)  # feasible at once
+    r = lcc.compress(ref, CODEBOOK, data, config=cfg, device="cpu",
+                     on_progress=lambda d, t: progress.append(t) if d == 1 else None)
+    assert progress == [15, 45] and r.budget["steps"] == 60
+    assert [h.phase for h in r.history] == ["lc", "tail"]
+    with pytest.raises(lcc.ConfigError, match="tail=1"):
+        lcc.LCConfig(tail=1)
+
+
 def test_progress_callbacks_follow_steps_and_epochs(digits_ref):
     ref, data = digits_ref
     steps, epochs = [], []
-    lcc.compress(ref, PRUNE, data, config=lcc.LCConfig(steps=2, epochs=2, first_epochs=3), device="cpu",
+    lcc.compress(ref, PRUNE, data, config=lcc.LCConfig(steps=2, epochs=2, first_epochs=3, tail=0), device="cpu",
                  callback=lambda r: steps.append(r.step), on_progress=lambda d, t: epochs.append((d, t)))
     n = len(data["train"])
     assert steps == [0, 1]

@@ -41,7 +41,7 @@ class Scheme(ABC):
     #: mu0: the first μ when it cannot be measured (no training data); curvature_scale c: with
     #: training data μ₀ = c·κ, κ the loss's curvature along the DC move (`lc.dc_curvature`)
     lc_defaults: ClassVar[dict[str, float]] = {"mu0": 1e-3, "mu_growth": 1.15, "weight_decay": 0.0,
-                                               "curvature_scale": 0.07}
+                                               "curvature_scale": 0.07, "tail": 0.2}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -132,11 +132,13 @@ def scheme_from_dict(d: dict[str, Any]) -> Scheme:
 
 
 def merge_lc_defaults(schemes) -> dict[str, float]:
-    """One schedule for several schemes: the gentlest start and growth, the largest weight decay."""
+    """One schedule for several schemes: the gentlest start and growth, the largest weight decay
+    and the longest tail."""
     ds = [s.lc_defaults for s in schemes]
     return {"mu0": min(d["mu0"] for d in ds), "mu_growth": min(d["mu_growth"] for d in ds),
             "weight_decay": max(d["weight_decay"] for d in ds),
-            "curvature_scale": min(d.get("curvature_scale", 0.07) for d in ds)}
+            "curvature_scale": min(d.get("curvature_scale", 0.07) for d in ds),
+            "tail": max(d.get("tail", 0.2) for d in ds)}
 
 
 def registry() -> dict[str, type[Scheme]]:

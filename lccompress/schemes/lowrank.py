@@ -74,8 +74,9 @@ def top_singular(g: Tensor, k: int, *, iters: int = 4, oversample: int | None = 
 class _LowRankBase(Scheme):
     joinable = False
     # low rank starts closer to its reference in loss terms: a stronger first pull, slower growth,
-    # and a light weight decay (it shrinks the tail singular values the C step will cut)
-    lc_defaults = {"mu0": 1e-2, "mu_growth": 1.1, "weight_decay": 5e-4, "curvature_scale": 9.0}
+    # and a light weight decay (it shrinks the tail singular values the C step will cut); half the
+    # budget trains the factors themselves from the LC point (the subspace moves slowly under LC)
+    lc_defaults = {"mu0": 1e-2, "mu_growth": 1.1, "weight_decay": 5e-4, "curvature_scale": 9.0, "tail": 0.5}
 
     def decompress(self, theta: Theta, shape) -> Tensor:
         U, V = theta["U"], theta["V"]  # (m, r), (r, n)

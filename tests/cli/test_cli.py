@@ -60,13 +60,26 @@ def test_prune_with_model_and_data_runs_lc_and_reports(fx, tmp_path):
     run("prune", fx["ckpt"], "--keep", "0.1", "--model", fx["model"], "--data", fx["data"], "-o", out,
         "--report", rep, *FAST)
     r = json.loads(rep.read_text())
-    assert r["method"] == "lc" and len(r["history"]) == 3
+    assert r["method"] == "lc" and [h["phase"] for h in r["history"]] == ["lc"] * 3 + ["tail"]
     assert r["artifact_bytes"] == os.stat(out).st_size
     assert r["metric"]["compressed"] > 0.8 and r["metric"]["reference"] > 0.95
     assert len(r["per_class"]) == 10
     for key in ("reference_bytes", "compression_ratio", "layers", "timings", "lccompress_version"):
         assert key in r
     assert not (tmp_path / "out.safetensors.lcstate").exists()  # state removed after success
+
+
+def test_tail_share_is_an_option(fx, tmp_path):
+    rep = tmp_path / "r.json"
+    run("prune", fx["ckpt"], "--keep", "0.1", "--model", fx["model"], "--data", fx["data"], "-o",
+        tmp_path / "t.safetensors", "--report", rep, "--steps", "2", "--budget", "40", "--tail", "0.5")
+    r = json.loads(rep.read_text())
+    assert [h["phase"] for h in r["history"]] == ["lc", "lc", "tail"] and r["budget"]["steps"] == 40
+    run("prune", fx["ckpt"], "--keep", "0.1", "--model", fx["model"], "--data", fx["data"], "-o",
+        tmp_path / "n.safetensors", "--report", rep, "--steps", "2", "--budget", "40", "--tail", "0")
+    assert [h["phase"] for h in json.loads(rep.read_text())["history"]] == ["lc", "lc"]
+    bad = run("prune", fx["ckpt"], "--keep", "0.1", "--tail", "1", "-o", tmp_path / "x.safetensors", ok=False)
+    assert bad.exit_code == 2 and "--tail" in bad.output
 
 
 def test_distill_needs_no_labels(fx, tmp_path):
