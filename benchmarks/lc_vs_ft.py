@@ -150,6 +150,13 @@ def run(models: list[str], tasks: list[str] | None, seeds: list[int], over: dict
                              "bytes": r.bits() // 8, "ranks": ranks}
                     curves.append(point)
                     print(json.dumps(point), flush=True)
+                if min(ranks.values()) >= 1:  # equal bytes: DC + FT at the ranks LC chose
+                    fixed = lcc.Recipe(tuple(lcc.Rule((n,), lcc.LowRank(k)) for n, k in ranks.items()))
+                    r = lcc.compress(ref, fixed, data, method="finetune", config=b.config(**over), device="cpu", seed=seed)
+                    point = {"model": key, "seed": seed, "alpha": alpha, "method": "finetune@lc", "error": error(r.model, data["eval"]),
+                             "bytes": r.bits() // 8, "ranks": ranks}
+                    curves.append(point)
+                    print(json.dumps(point), flush=True)
     return {"cells": cells, "curves": curves, "seeds": seeds, "threads": torch.get_num_threads(), "config": over}
 
 
@@ -172,19 +179,19 @@ def table(res: dict) -> str:
 
 
 def curve_table(res: dict) -> str:
-    if not res["curves"]:
-        return ""
-    lines = ["| model | α | DC+FT bytes | DC+FT error | LC bytes | LC error |", "|---|---|---|---|---|---|"]
-    seen: list[tuple[str, float]] = []
-    for p in res["curves"]:
-        if (p["model"], p["alpha"]) not in seen:
-            seen.append((p["model"], p["alpha"]))
-    for model, alpha in seen:
-        ps = {m: [p for p in res["curves"] if p["model"] == model and p["alpha"] == alpha and p["method"] == m]
-              for m in ("finetune", "lc")}
-        f = lambda m, k: mean([p[k] for p in ps[m]])  # noqa: E731
-        lines.append(f"| {BENCHES[model].name} | {alpha:g} | {f('finetune', 'bytes'):,.0f} | {f('finetune', 'error'):.2f} | "
-                     f"{f('lc', 'bytes'):,.0f} | {f('lc', 'error'):.2f} |")
+    """Per model, α and seed: DC + FT at α (its own ranks), LC at α, and DC + FT at LC's ranks."""
+    lines = ["| model | seed | α | DC+FT ranks | bytes | error | LC ranks | bytes | LC error | DC+FT at LC's ranks |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    pts = {(p["model"], p["seed"], p["alpha"], p["method"]): p for p in res["curves"]}
+    for (model, seed, alpha, m), p in pts.items():
+        if m != "lc":
+            continue
+        f, a = pts.get((model, seed, alpha, "finetune")), pts.get((model, seed, alpha, "finetune@lc"))
+        rk = lambda q: "/".join(str(v) for v in q["ranks"].values())  # noqa: E731
+        lines.append(f"| {BENCHES[model].name} | {seed} | {alpha:g} | {rk(f)} | {f['bytes']:,} | {f['error']:.2f} | "
+                     f"{rk(p)} | {p['bytes']:,} | {p['error']:.2f} | {a['error']:.2f} |" if f and a else
+                     f"| {BENCHES[model].name} | {seed} | {alpha:g} | {rk(f) if f else '—'} | — | — | {rk(p)} | "
+                     f"{p['bytes']:,} | {p['error']:.2f} | — |")
     return "\n".join(lines)
 
 
@@ -209,7 +216,8 @@ def main() -> None:
           f"{res['wall_s'] / 60:.1f} min")
     print(table(res))
     if res["curves"]:
-        print("\nRank selection, error against bytes of the factors (mean of seeds):")
+        print("\nRank selection: error (%) against bytes of the factors; the last column is DC + FT at exactly LC's "
+              "ranks (equal bytes):")
         print(curve_table(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
