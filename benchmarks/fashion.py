@@ -130,7 +130,7 @@ def tasks(alpha: float, model: nn.Module, x: torch.Tensor) -> dict[str, lcc.Reci
 def config(a: argparse.Namespace) -> lcc.LCConfig:
     """`steps` L steps of one (sub-sampled) epoch; μ₀ and its growth from the schemes' defaults
     (the growth rescaled to `steps`, so μ ends where the default 40 steps would take it)."""
-    return lcc.LCConfig(steps=a.steps, epochs=1, first_epochs=1, lr=a.lr, optimizer=a.optimizer)
+    return lcc.LCConfig(steps=a.steps, epochs=1, first_epochs=1, lr=a.lr, optimizer=a.optimizer, tail=a.tail)
 
 
 def run(a: argparse.Namespace, out: Path) -> dict:
@@ -232,6 +232,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.02, help="L-step / fine-tuning learning rate (default 0.02)")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
                     help="L-step / fine-tuning optimizer (default sgd, the one the README table was measured with)")
+    ap.add_argument("--tail", type=float, default=None,
+                    help="LC's tail share (default: the schemes' own; 0 for the README table, measured before the tail)")
     ap.add_argument("--alpha", type=float, default=1e-5, help="rank selection α (default 1e-5)")
     ap.add_argument("--batch", type=int, default=32, help="batch of the timing table (default 32)")
     ap.add_argument("--repeats", type=int, default=50, help="timed runs per model (default 50)")

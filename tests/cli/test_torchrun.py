@@ -57,6 +57,8 @@ model = task.make()
 recipe = Recipe.single(["0.weight", "2.weight"], Prune(keep=0.2))
 cfg = LCConfig(steps=3, epochs=1.5, first_epochs=1.5)
 r = compress(model, recipe, task.loaders(), config=cfg, device="cpu", seed=0)
+assert r.history[-1].phase == "tail"
+seen.append(distributed.digest(r.thetas))  # after LC's tail, trained with gradients averaged over processes
 open(f"{out}/digests.{distributed.rank()}", "w").write("\\n".join(seen))
 # interrupted after step 1 on every process (mid-pass: 1.5 epochs per L step), then resumed
 def stop(rec):
@@ -98,7 +100,8 @@ def test_theta_is_identical_on_both_processes_after_every_c_step(task):
     p = torchrun(str(task / "digests.py"), str(task), str(task), cwd=task)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (task / "digests.0").read_text().split(), (task / "digests.1").read_text().split()
-    assert len(a) == 4 and a == b  # DC and three LC C steps, the same bytes on both processes
+    # DC, three LC C steps and the θ after the tail: the same bytes on both processes
+    assert len(a) == 5 and a == b
     # interrupted mid-run and resumed from process 0's saved state: the same bytes as unbroken
     assert (task / "resumed.0").read_text() == "True" and (task / "resumed.1").read_text() == "True"
 
