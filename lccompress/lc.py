@@ -8,6 +8,8 @@ LC (Carreira-Perpiñán 2017) solves min_w L(w) s.t. w = Δ(θ) by the augmented
         C step  θ ← argmin ‖w − λ/μ − Δ(θ)‖²              the scheme's exact projection
         λ ← λ − μ(w − Δ(θ))                              (kept at 0 for the quadratic penalty)
         stop when ‖w − Δ(θ)‖² / ‖w‖² < tol
+    tail: the rest of the budget (a share `tail` of it, and what an early stop left) trains θ's
+          free parts from this θ, masks / codes / ranks fixed (`_Run.tune`, as fine-tuning does)
     return the feasible model, weights Δ(θ)
 """
 

@@ -66,8 +66,7 @@ class LCConfig:
     #: how the L step applies the pull: "grad" (in the gradient, SGD's lr clipped to lr_clip/μ),
     #: "prox" (an exact proximal step after each optimizer step), "auto" (prox for AdamW, grad for SGD)
     pull: str = "auto"
-    #: share of the budget that trains θ itself (the codebook entries, kept values, factors), from
-    #: the LC point, after the LC steps; None: the schemes' default (0.2, 0.5 for low rank)
+    #: LC's last share of the budget, training θ itself (see above); None: the schemes' default
     tail: float | None = None
 
     def __post_init__(self) -> None:
