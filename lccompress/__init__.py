@@ -14,6 +14,7 @@ from .schemes import (
     RankSelection, ScaledBinarize, ScaledTernary, Scheme, StructuredPrune, Theta, Uniform, kmeans_1d, registry,
     scheme_from_dict,
 )
+from .schemes import RowL1Ball, SparseRowL1Ball
 from .version import __version__
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "L0Penalty", "L1Ball", "L1Penalty", "LCConfig", "LCError", "LStepContext", "LowRank", "METHODS", "Prune",
     "RankSelection", "Recipe", "Result", "Rule", "ScaledBinarize", "ScaledTernary", "Scheme", "Span",
     "StepRecord", "StructuredPrune", "Theta", "Uniform", "__version__", "compress", "kmeans_1d", "one_shot", "registry", "scheme_from_dict",
+    "RowL1Ball", "SparseRowL1Ball",
 ]

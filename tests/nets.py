@@ -62,4 +62,6 @@ SCHEMES = {  # one case per scheme family and layout: name: (scheme, joint)
     "rank_selection": (lc.RankSelection(alpha=1e-6), False),
     "additive": (lc.Additive((lc.Codebook(k=2), lc.Prune(keep=0.05))), False),
     "additive_lowrank": (lc.Additive((lc.LowRank(rank=2), lc.Prune(keep=0.02))), False),
+    "row_l1_ball": (lc.RowL1Ball(kappa=0.5), False),
+    "sparse_row_l1_ball": (lc.SparseRowL1Ball(kappa=0.5, keep=0.2), False),
 }

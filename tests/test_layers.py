@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # module prefix → layer; a module may import only lower layers, or its own package
     "lccompress.errors": 0, "lccompress.version": 0, "lccompress.util": 0,
     "lccompress.schemes": 1, "lccompress.structure": 1,
-    "lccompress.recipe": 2, "lccompress.modelio": 2, "lccompress.distributed": 2,
+    "lccompress.recipe": 2, "lccompress.modelio": 2, "lccompress.distributed": 2, "lccompress.implicit": 2,
     "lccompress.train": 3, "lccompress.lc": 3, "lccompress.lc_config": 3, "lccompress.lc_state": 3, "lccompress.fw": 3, "lccompress.digits": 3,
     "lccompress.artifact": 3, "lccompress.checkpoint": 3, "lccompress.report": 3,
     "lccompress.methods": 4,

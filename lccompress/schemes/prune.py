@@ -16,13 +16,16 @@ from .base import Scheme, Theta, dtype_bits, index_bits, numel
 from .codecs import Positions, onnx_sparse
 
 
-def _sparse_theta(w: Tensor, mask: Tensor) -> Theta:
+def sparse_theta(w: Tensor, mask: Tensor) -> Theta:
     flat = w.reshape(-1)
     idx = mask.reshape(-1).nonzero().reshape(-1)  # (nnz,) ascending
     return {"indices": idx, "values": flat[idx].clone()}
 
 
-class _Sparse(Scheme):
+class Sparse(Scheme):
+    """Base of the schemes whose θ is a sparse tensor {"indices", "values"} (`sparse_theta`): they
+    share Δ(θ), the storage cost, the container's encoding and the ONNX decoder."""
+
     def decompress(self, theta: Theta, shape) -> Tensor:
         v, i = theta["values"], theta["indices"]
         out = torch.zeros(numel(shape), dtype=v.dtype, device=v.device)
@@ -49,7 +52,7 @@ class _Sparse(Scheme):
 
 
 @dataclass(frozen=True)
-class Prune(_Sparse):
+class Prune(Sparse):
     """ℓ0 constraint: θ = argmin ‖w − θ‖² s.t. ‖θ‖₀ ≤ κ, i.e. keep the κ largest |w|.
 
     Give `keep` (fraction in (0, 1], κ = round(keep·n), at least 1) or `count` (κ itself).
@@ -98,7 +101,7 @@ def top_magnitude(flat: Tensor, k: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class L1Ball(_Sparse):
+class L1Ball(Sparse):
     """ℓ1 constraint: θ = argmin ‖w − θ‖² s.t. ‖θ‖₁ ≤ radius (exact Euclidean projection)."""
 
     radius: float
@@ -110,7 +113,7 @@ class L1Ball(_Sparse):
 
     def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
         p = project_l1_ball(w, self.radius)
-        return _sparse_theta(p, p != 0)
+        return sparse_theta(p, p != 0)
 
 
 def project_l1_ball(w: Tensor, radius: float) -> Tensor:
@@ -127,7 +130,7 @@ def project_l1_ball(w: Tensor, radius: float) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _Penalty(_Sparse):
+class _Penalty(Sparse):
     """θ = argmin α·penalty(θ) + μ/2‖w − θ‖², separable: a threshold of w at a level set by α/μ."""
 
     alpha: float
@@ -142,7 +145,7 @@ class _Penalty(_Sparse):
         if mu is None or not mu > 0:
             raise ConfigError(f"the {self.name} C step needs μ > 0, got mu={mu!r}")
         p = self.threshold(w, float(mu))
-        return _sparse_theta(p, p != 0)
+        return sparse_theta(p, p != 0)
 
     def threshold(self, w: Tensor, mu: float) -> Tensor:
         raise NotImplementedError

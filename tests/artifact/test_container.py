@@ -74,7 +74,7 @@ def test_round_trip_is_exact(tmp_path, kind, name):
 # A second reader of the format, from its documentation only (numpy, no lccompress code): the
 # part encodings (schemes/codecs.py docstring) and each scheme's Δ(θ) written out by hand.
 _U32 = 2.0 ** -24  # unit roundoff of float32
-_SPARSE = {"prune", "l1_ball", "l0_penalty", "l1_penalty"}
+_SPARSE = {"prune", "l1_ball", "l0_penalty", "l1_penalty", "row_l1_ball", "sparse_row_l1_ball"}
 _TABLES = {"scaled_binarize": (-1.0, 1.0), "scaled_ternary": (-1.0, 0.0, 1.0)}
 
 

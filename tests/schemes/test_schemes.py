@@ -26,6 +26,8 @@ EXAMPLES = {
     "additive": lcc.Additive((lcc.Codebook(k=2), lcc.Prune(keep=0.05))),
     "uniform": lcc.Uniform(bits=3, group_size=16),
     "structured": lcc.StructuredPrune(keep=0.5),
+    "row_l1_ball": lcc.RowL1Ball(kappa=0.8),
+    "sparse_row_l1_ball": lcc.SparseRowL1Ball(kappa=0.8, keep=0.3),
 }
 
 
