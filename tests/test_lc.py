@@ -270,6 +270,20 @@ def test_an_early_stop_gives_the_rest_of_the_budget_to_the_tail(digits_ref):
         lcc.LCConfig(tail=1)
 
 
+def test_the_tail_keeps_ball_constraints(digits_ref):
+    """ℓ1 balls bound θ's values themselves: fine-tuning (and LC's tail) leaves them fixed, so the
+    result stays inside (whereas training the kept values would leave the ball)."""
+    ref, data = digits_ref
+    cfg = lcc.LCConfig(steps=2, epochs=1, first_epochs=1, tail=0.5)
+    for scheme, norm, bound in ((lcc.L1Ball(radius=20.0), lambda w: float(w.abs().sum()), 20.0),
+                                (lcc.RowL1Ball(kappa=0.9), lambda w: float(w.abs().sum(1).max()), 0.9)):
+        for method in ("lc", "finetune"):
+            r = lcc.compress(ref, lcc.Recipe.single("fc2.weight", scheme), data, method=method, config=cfg,
+                             device="cpu")
+            assert norm(r.model.fc2.weight.detach()) <= bound * (1 + 1e-5)
+            assert not torch.equal(r.model.fc2.bias, ref.fc2.bias)  # the dense parameters did train
+
+
 def test_progress_callbacks_follow_steps_and_epochs(digits_ref):
     ref, data = digits_ref
     steps, epochs = [], []

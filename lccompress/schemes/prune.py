@@ -115,6 +115,9 @@ class L1Ball(Sparse):
         p = project_l1_ball(w, self.radius)
         return sparse_theta(p, p != 0)
 
+    def trainable(self, theta: Theta) -> list[str]:
+        return []  # the ball bounds the values themselves: training them would leave it
+
 
 def project_l1_ball(w: Tensor, radius: float) -> Tensor:
     """argmin_θ ‖w − θ‖² s.t. ‖θ‖₁ ≤ radius: soft threshold at the τ where ‖θ‖₁ = radius."""

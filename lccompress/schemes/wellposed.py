@@ -126,6 +126,9 @@ class RowL1Ball(Sparse):
         p = project_rows(w, float(self.kappa))
         return sparse_theta(p, p != 0)
 
+    def trainable(self, theta: Theta) -> list[str]:
+        return []  # the row balls bound the values themselves: training them would leave them
+
     def summary(self, theta: Theta, shape) -> dict[str, Any]:
         return {**super().summary(theta, shape), "max_row_l1": _max_row_l1(self.decompress(theta, shape)),
                 "kappa": self.kappa}
@@ -161,6 +164,9 @@ class SparseRowL1Ball(Sparse):
             s = allocate(W, k, _count(W.numel(), keep=self.keep, count=self.count)) if W.numel() else None
         p = project_rows(w, k, s)
         return sparse_theta(p, p != 0)
+
+    def trainable(self, theta: Theta) -> list[str]:
+        return []  # the row balls bound the values themselves: training them would leave them
 
     def summary(self, theta: Theta, shape) -> dict[str, Any]:
         return {**super().summary(theta, shape), "max_row_l1": _max_row_l1(self.decompress(theta, shape)),
