@@ -81,6 +81,10 @@ def print_report(r: Mapping[str, Any], console: Console) -> None:
         console.print(f"{m['name']}{lower}: reference {rep.metric_text(m['reference'], u)}, compressed "
                       f"{rep.metric_text(m['compressed'], u)}{onnx}; worse by {rep.drop_text(m['drop'], u)}",
                       highlight=False)
+    for c in r.get("implicit") or []:
+        res = f", fixed-point residual {c['residual']:.1e}" if c.get("residual") is not None else ""
+        state = "well-posed" if c["well_posed"] else "NOT well-posed (≥ 1)"
+        console.print(f"implicit layer {c['module']}: ‖A‖∞ = {c['norm_inf']:.4f}, {state}{res}", highlight=False)
     tm = r["timings"]
     b = r.get("budget") or {}
     if b.get("steps"):

@@ -4,7 +4,8 @@ JSON keys (stable): lccompress_version, torch_version, command, method, seed, re
 artifact, artifact_bytes, reference_bytes, compression_ratio, metric {name, reference,
 compressed, onnx, drop}, onnx_max_rel_diff, per_class [{class, reference, compressed, delta}],
 layers [{name, params, scheme, shape, numel, summary, bits, bytes}], timings {total, lstep,
-cstep, eval}, history [{step, mu, lr, loss, gap, metric, phase}].
+cstep, eval}, history [{step, mu, lr, loss, gap, metric, phase}], implicit [{module, norm_inf,
+well_posed, residual}] (one per `ImplicitNet` layer: ‖A‖∞ and the fixed-point residual).
 """
 
 from __future__ import annotations

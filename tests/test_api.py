@@ -382,3 +382,33 @@ def test_load_data(fx):
         api.load_data(f"{d}:broken")
     with pytest.raises(CheckpointError, match="no function"):
         api.load_data(f"{d}:nothere")
+
+
+def test_report_certifies_implicit_layers(fx, tmp_path):
+    """An implicit model compressed under the well-posedness constraint: the report's ‖A‖∞ is the
+    artifact's largest row ℓ1 norm, below κ, and its residual that of a plain Picard loop."""
+    from lccompress.implicit import ImplicitNet
+    from lccompress.recipe import Rule
+    from lccompress.schemes import SparseRowL1Ball
+
+    (tmp_path / "imp.py").write_text("import torch\nfrom lccompress.implicit import ImplicitNet\n"
+                                     "def make():\n    torch.manual_seed(0)\n    return ImplicitNet(64, 32, 10)\n")
+    torch.manual_seed(0)
+    net = ImplicitNet(64, 32, 10)
+    torch.save(net.state_dict(), tmp_path / "imp.pt")
+    recipe = Recipe((Rule(("A",), SparseRowL1Ball(kappa=0.4, keep=0.25)),))
+    job = CompressJob(checkpoint=str(tmp_path / "imp.pt"), build_recipe=lambda names: recipe,
+                      out=str(tmp_path / "imp.safetensors"), model_spec=f"{tmp_path / 'imp.py'}:make",
+                      data_spec=fx["data"], include=("A",), steps=2, epochs=1, first_epochs=1, device="cpu",
+                      argv=["compress"])
+    [cert] = api.compress_checkpoint(job).report["implicit"]
+    small = load_into_(ImplicitNet(64, 32, 10), str(tmp_path / "imp.safetensors"))
+    A, B = small.A.detach().double(), small.B.detach().double()
+    assert cert["module"] == "(model)" and cert["well_posed"]
+    assert cert["norm_inf"] == pytest.approx(float(A.abs().sum(1).max()), rel=1e-6) and cert["norm_inf"] <= 0.4 + 1e-6
+    assert int((A != 0).sum()) <= 32 * 8  # a quarter of each row
+    u = next(iter(data_module(fx).loaders()["eval"]))[0].double()  # the batch the report used
+    x = torch.zeros(len(u), 32, dtype=torch.float64)
+    for _ in range(500):
+        x = torch.relu(x @ A.T + u @ B.T)
+    assert cert["residual"] <= 1e-5 and float((x - torch.relu(x @ A.T + u @ B.T)).norm()) <= 1e-9
