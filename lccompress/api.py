@@ -49,7 +49,8 @@ RNN_NAMES = {"LSTM", "GRU", "RNN"}
 def _layer_weights(name: str, m: nn.Module) -> list[str]:
     """The compressible weights a module owns directly: the `weight` of Linear / Conv / Embedding /
     transformers' Conv1D, the input-hidden and hidden-hidden matrices of LSTM / GRU / RNN
-    (weight_ih_l0, weight_hh_l0_reverse, …), MultiheadAttention's in_proj_weight (or q/k/v_proj_weight)."""
+    (weight_ih_l0, weight_hh_l0_reverse, …), MultiheadAttention's in_proj_weight (or q/k/v_proj_weight),
+    an `ImplicitNet`'s A, B, C and D."""
     kind = getattr(m, "original_name", None) or type(m).__name__  # TorchScript keeps the Python class name
     own = dict(m.named_parameters(recurse=False))
     pre = f"{name}." if name else ""
@@ -59,6 +60,8 @@ def _layer_weights(name: str, m: nn.Module) -> list[str]:
         keys = [k for k in own if k.startswith(("weight_ih_l", "weight_hh_l"))]
     elif isinstance(m, nn.MultiheadAttention) or kind == "MultiheadAttention":
         keys = [k for k in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight") if k in own]
+    elif kind == "ImplicitNet":  # lccompress.implicit: x = relu(A x + B u), ŷ = C x + D u
+        keys = ["A", "B", "C", "D"]
     else:
         return []
     return [pre + k for k in keys if isinstance(own.get(k), Tensor) and own[k].dim() >= 2]

@@ -366,6 +366,10 @@ def test_default_targets_and_select():
     assert api.default_targets(model, True) == ["0.weight", "3.weight", "4.weight"]  # not the LayerNorm
     bare = api.state_module(model.state_dict())  # weights only: every ≥2-D *.weight
     assert api.default_targets(bare, False) == ["0.weight", "3.weight", "4.weight"]
+    from lccompress.implicit import ImplicitNet
+
+    deq = nn.Sequential(nn.Linear(8, 8), ImplicitNet(8, 6, 3))
+    assert api.default_targets(deq, True) == ["0.weight", "1.A", "1.B", "1.C", "1.D"]  # not the bias
     assert api.select(model, True, ["*.bias"], []) == ["0.bias", "1.bias", "3.bias"]
     assert api.select(model, True, [], ["4.*"]) == ["0.weight", "3.weight"]
     with pytest.raises(ConfigError, match="'fc\\*' matches no parameter"):
@@ -399,7 +403,7 @@ def test_report_certifies_implicit_layers(fx, tmp_path):
     recipe = Recipe((Rule(("A",), SparseRowL1Ball(kappa=0.4, keep=0.25)),))
     job = CompressJob(checkpoint=str(tmp_path / "imp.pt"), build_recipe=lambda names: recipe,
                       out=str(tmp_path / "imp.safetensors"), model_spec=f"{tmp_path / 'imp.py'}:make",
-                      data_spec=fx["data"], include=("A",), steps=2, epochs=1, first_epochs=1, device="cpu",
+                      data_spec=fx["data"], steps=2, epochs=1, first_epochs=1, device="cpu",
                       argv=["compress"])
     [cert] = api.compress_checkpoint(job).report["implicit"]
     small = load_into_(ImplicitNet(64, 32, 10), str(tmp_path / "imp.safetensors"))
