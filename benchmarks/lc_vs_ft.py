@@ -1,8 +1,10 @@
 """LC against DC + fine-tuning at equal budgets: four models × three compressions × seeds 3, 4, 5.
 
-    python benchmarks/lc_vs_ft.py                       # the README table (about 20 min on 1 thread)
-    python benchmarks/lc_vs_ft.py --models b1,cnn       # some models only
-    python benchmarks/lc_vs_ft.py --bytes               # also rank selection: error against bytes
+    python benchmarks/lc_vs_ft.py --models b1,wide,cnn  # the README table, 17 min on one thread,
+    python benchmarks/lc_vs_ft.py --models lenet5       #   and 25 min, side by side
+    python benchmarks/lc_vs_ft.py --config '{"tail": 0}' --methods lc   # LC with other settings
+    python benchmarks/lc_vs_ft.py --models b1,lenet5 --tasks none --bytes --seeds 3 --alphas 1e-6,1e-5,3e-5
+                                                        # rank selection only: error against bytes
     python benchmarks/lc_vs_ft.py --json out.json
 
 Models: B1's MLP 64-300-100-10 and a wider MLP 64-512-256-10 on scikit-learn's digits; a digits
