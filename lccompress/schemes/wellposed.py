@@ -110,21 +110,11 @@ def _max_row_l1(d: Tensor) -> float:
     return float(_rows(d).double().abs().sum(1).max()) if d.numel() else 0.0
 
 
-@dataclass(frozen=True)
-class RowL1Ball(Sparse):
-    """‖θ‖∞ ≤ κ: θ = argmin ‖W − θ‖² s.t. every row's ℓ1 norm ‖θ_i‖₁ ≤ κ (rows: the first axis).
-    A per-row soft threshold; κ < 1 makes an implicit layer x = relu(θ x + B u) well-posed."""
+class _RowBalls(Sparse):
+    """What both row-ball schemes share: fixed values in fine-tuning, ‖θ‖∞ in the summary."""
 
     kappa: float
-    name = "row_l1_ball"
     joinable = False
-
-    def __post_init__(self) -> None:
-        _check_kappa(self.kappa)
-
-    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
-        p = project_rows(w, float(self.kappa))
-        return sparse_theta(p, p != 0)
 
     def trainable(self, theta: Theta) -> list[str]:
         return []  # the row balls bound the values themselves: training them would leave them
@@ -135,7 +125,23 @@ class RowL1Ball(Sparse):
 
 
 @dataclass(frozen=True)
-class SparseRowL1Ball(Sparse):
+class RowL1Ball(_RowBalls):
+    """‖θ‖∞ ≤ κ: θ = argmin ‖W − θ‖² s.t. every row's ℓ1 norm ‖θ_i‖₁ ≤ κ (rows: the first axis).
+    A per-row soft threshold; κ < 1 makes an implicit layer x = relu(θ x + B u) well-posed."""
+
+    kappa: float
+    name = "row_l1_ball"
+
+    def __post_init__(self) -> None:
+        _check_kappa(self.kappa)
+
+    def compress(self, w: Tensor, init: Theta | None = None, *, mu: float | None = None) -> Theta:
+        p = project_rows(w, float(self.kappa))
+        return sparse_theta(p, p != 0)
+
+
+@dataclass(frozen=True)
+class SparseRowL1Ball(_RowBalls):
     """‖θ‖∞ ≤ κ and sparsity: θ = argmin ‖W − θ‖² s.t. every row ‖θ_i‖₁ ≤ κ and at most s
     non-zeros per row (per_row: s = count, or round(keep·row length)), or, with per_row=False,
     at most count (or round(keep·numel)) non-zeros over the whole weight."""
@@ -145,7 +151,6 @@ class SparseRowL1Ball(Sparse):
     count: int | None = None
     per_row: bool = True
     name = "sparse_row_l1_ball"
-    joinable = False
 
     def __post_init__(self) -> None:
         _check_kappa(self.kappa)
@@ -164,13 +169,6 @@ class SparseRowL1Ball(Sparse):
             s = allocate(W, k, _count(W.numel(), keep=self.keep, count=self.count)) if W.numel() else None
         p = project_rows(w, k, s)
         return sparse_theta(p, p != 0)
-
-    def trainable(self, theta: Theta) -> list[str]:
-        return []  # the row balls bound the values themselves: training them would leave them
-
-    def summary(self, theta: Theta, shape) -> dict[str, Any]:
-        return {**super().summary(theta, shape), "max_row_l1": _max_row_l1(self.decompress(theta, shape)),
-                "kappa": self.kappa}
 
 
 __all__ = ["RowL1Ball", "SparseRowL1Ball", "allocate", "project_rows", "row_errors"]
