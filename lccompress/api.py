@@ -590,7 +590,6 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         metric["drop"] = metric_fn.worse_by(ref_val, onnx_metric if onnx_metric is not None else result.metric)
         if ref_cls is not None and new_cls is not None:
             classes = rep.per_class(ref_cls, new_cls, y)
-    inputs = example[0] if example else (ExampleSpec().resolve(data, "")[0] if data else None)
     return {
         **rep.versions(), "command": "lccompress " + " ".join(job.argv), "method": result.method,
         "seed": job.seed, "device": str(device), "recipe": recipe.to_dict(), "config": _config(result),
@@ -599,19 +598,24 @@ def _write_outputs(job: CompressJob, ck, model, result: Result, recipe: Recipe, 
         "per_class": classes, "layers": rep.layers(result.groups, result.thetas, size),
         "timings": {k: round(v, 3) for k, v in result.timings.items()}, "budget": result.budget,
         "history": [vars(h) for h in result.history], "device_figures": device_figs,
-        "implicit": implicit_certificates(result.model, inputs, device),
+        "implicit": implicit_certificates(
+            result.model, lambda: example[0] if example else (ExampleSpec().resolve(data, "")[0] if data else None),
+            device),
     }
 
 
-def implicit_certificates(model: nn.Module, inputs: Inputs | None, device: torch.device) -> list[dict[str, Any]]:
+def implicit_certificates(model: nn.Module, batch: Callable[[], Inputs | None],
+                          device: torch.device) -> list[dict[str, Any]]:
     """Per `ImplicitNet` in the model: ‖A‖∞ (< 1: well-posed, a unique state) and the relative
-    fixed-point residual of its state on `inputs` (a batch; None without one), read by running
-    the model once with a hook on each implicit layer's input."""
+    fixed-point residual of its state on the inputs `batch()` gives (called only when the model
+    has implicit layers; None: no residual), read by running the model once with a hook on each
+    implicit layer's input."""
     from .implicit import ImplicitNet
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ImplicitNet)]
     seen: dict[str, Tensor] = {}
-    if layers and inputs is not None:
+    inputs = batch() if layers else None
+    if inputs is not None:
         hooks = [m.register_forward_hook(lambda mod, args, out, name=n: seen.setdefault(name, args[0].detach()))
                  for n, m in layers]
         try:
