@@ -107,7 +107,9 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--include", multiple=True, help="Glob of parameters to compress (repeatable)."),
         click.option("--exclude", multiple=True, help="Glob of parameters to leave dense (repeatable)."),
         click.option("--method", type=click.Choice(list(METHODS)),
-                     help="Default: lc with --data, dc without. sfw: Frank-Wolfe refinement, then one-shot."),
+                     help="Default: lc with --data, dc without. acdc: alternating compressed / dense phases. "
+                          "cram: compression-aware training, then one-shot. sfw: Frank-Wolfe refinement, then "
+                          "one-shot. fw-grow: sparse weights grown from zero by Frank-Wolfe."),
         click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="LC / iDC steps."),
         click.option("--epochs", type=click.FloatRange(min=0),
                      help="Epochs per L step, fractions allowed [default: 5, the run capped at 5,000 optimizer steps]."),
@@ -126,6 +128,10 @@ def compression_options(fn: Callable) -> Callable:
         click.option("--tail", type=click.FloatRange(min=0, max=1, max_open=True),
                      help="Share of LC's budget that fine-tunes θ from the LC point at the end "
                           "[default: 0.2, 0.5 for low rank; 0: none]."),
+        click.option("--cycles", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="acdc: compressed / decompressed phase pairs before the final compressed phase."),
+        click.option("--rho", type=click.FloatRange(min=0),
+                     help="cram: the ascent step before each step's C step [default: 0.05]."),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed: same seed, same bytes."),
         click.option("--input-shape", help="Example input shape for ONNX export, e.g. 1,64 (default: first batch)."),
@@ -410,26 +416,37 @@ def sweep(ckpt: str, keep: str | None, bits: str | None, rank: str | None, metho
 @click.option("--per-layer", is_flag=True, help="Rank weights per layer (default: over all layers).")
 @click.option("--structure", type=click.Choice(["weight", "filter"]), default="weight", show_default=True,
               help="Units that survive or not: single weights, or whole filters / rows.")
-@click.option("--method", type=click.Choice(["none", "sfw"]), default="none", show_default=True,
-              help="sfw: Frank-Wolfe refinement first, so every level stays accurate without retraining.")
+@click.option("--method", type=click.Choice(["none", "sfw", "cram"]), default="none", show_default=True,
+              help="Train the dense model first so that every level stays accurate without retraining: sfw "
+                   "(Frank-Wolfe in the smallest level's k-sparse polytope) or cram (compression-aware "
+                   "training, cycling through the levels).")
+@click.option("--budget", type=click.IntRange(min=1),
+              help="cram: optimizer steps [default: LC's default budget on the training loader].")
 @click.option("--include", multiple=True, help="Glob of parameters to compress (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob of parameters to leave dense (repeatable).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The multi-level .safetensors file.")
-@click.option("--model", "model_spec", help="Model factory (needed for --method sfw).")
-@click.option("--data", "data_spec", help="Data function (needed for --method sfw).")
+@click.option("--model", "model_spec", help="Model factory (needed for --method sfw / cram).")
+@click.option("--data", "data_spec", help="Data function (needed for --method sfw / cram).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole pickled module.")
 @guarded()
-def multilevel(ckpt: str, keep: str, per_layer: bool, structure: str, method: str, include: tuple[str, ...],
-               exclude: tuple[str, ...], out: str, model_spec: str | None, data_spec: str | None, seed: int,
-               trust_checkpoint: bool) -> None:
+def multilevel(ckpt: str, keep: str, per_layer: bool, structure: str, method: str, budget: int | None,
+               include: tuple[str, ...], exclude: tuple[str, ...], out: str, model_spec: str | None,
+               data_spec: str | None, seed: int, trust_checkpoint: bool) -> None:
     """One file, many nested sparsity levels: the weights once plus a level id per weight.
 
-    Example: lccompress multilevel ckpt.pt --keep 0.5,0.2,0.1,0.05 --method sfw --model net.py:make --data data.py:loaders -o multi.safetensors
+    Example: lccompress multilevel ckpt.pt --keep 0.5,0.2,0.1,0.05 --method cram --model net.py:make --data data.py:loaders -o multi.safetensors
     """
-    res = api.multilevel(ckpt, _levels(keep, "keep"), out, per_layer=per_layer, structure=structure, method=method,
-                         include=include, exclude=exclude, model_spec=model_spec, data_spec=data_spec, seed=seed,
-                         trust=trust_checkpoint)
+    reporter = Reporter(err_console)
+    if method == "cram":
+        reporter.start("CrAM over the levels", 1)
+    try:
+        res = api.multilevel(ckpt, _levels(keep, "keep"), out, per_layer=per_layer, structure=structure,
+                             method=method, include=include, exclude=exclude, model_spec=model_spec,
+                             data_spec=data_spec, seed=seed, trust=trust_checkpoint, budget=budget,
+                             on_progress=reporter.progress_)
+    finally:
+        reporter.end()
     click.echo(f"wrote {res.path}: {res.bytes:,} bytes, levels " +
                ", ".join(f"{r['level']} (keep {r['keep']})" for r in res.levels))
 

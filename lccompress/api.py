@@ -309,6 +309,10 @@ class CompressJob:
     mu_growth: float | None = None
     #: LC's last share of the budget, training θ itself (None: the schemes' default)
     tail: float | None = None
+    #: AC/DC's compressed / decompressed phase pairs (method "acdc")
+    cycles: int = 4
+    #: CrAM's ascent step ρ (method "cram")
+    rho: float | None = None
     penalty: str = "al"
     device: str = "auto"
     seed: int = 0
@@ -439,12 +443,14 @@ def compress_checkpoint(job: CompressJob, callbacks: Callbacks | None = None) ->
                    first_epochs=2 * (5 if job.epochs is None else job.epochs) if job.first_epochs is None
                    else job.first_epochs, budget=job.budget, cap=DEFAULT_CAP if default_epochs else None,
                    optimizer=job.optimizer, lr=job.lr, amp=job.amp, mu0=job.mu0,
-                   mu_growth=job.mu_growth, penalty=job.penalty, tail=job.tail)
+                   mu_growth=job.mu_growth, penalty=job.penalty, tail=job.tail, cycles=job.cycles)
     state_dir = Path(job.state_dir) if job.state_dir else out.with_name(out.name + ".lcstate")
     trains = method in ("lc", "idc")
-    cb.start(f"{method.upper()} {recipe.rules[0].scheme.name}", job.steps)
+    cb.start(f"{method.upper()} {recipe.rules[0].scheme.name}",
+             job.steps if trains else 2 * job.cycles + 1 if method == "acdc" else 1)
+    extra = {"cram": {"rho": job.rho}} if method == "cram" and job.rho is not None else {}
     try:
-        result = compress(subject, recipe, data or None, method=method, config=cfg, loss=loss_fn,
+        result = compress(subject, recipe, data or None, method=method, config=cfg, loss=loss_fn, **extra,
                           metric=metric, device=device, seed=job.seed, callback=cb.step,
                           on_progress=cb.progress,
                           state_dir=state_dir if trains else None, resume=job.resume)
@@ -904,21 +910,41 @@ class MultilevelOutcome:
 def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool = False, structure: str = "weight",
                method: str = "none", include: Sequence[str] = (), exclude: Sequence[str] = (),
                model_spec: str | None = None, data_spec: str | None = None, seed: int = 0,
-               trust: bool = False) -> MultilevelOutcome:
-    """One file with nested sparsity levels (`artifact.multilevel`); method "sfw" refines first."""
+               trust: bool = False, budget: int | None = None,
+               on_progress: Callable[[int, int | None], None] | None = None) -> MultilevelOutcome:
+    """One file with nested sparsity levels (`artifact.multilevel`). Method "sfw" refines the dense
+    model first by Frank-Wolfe in the k-sparse polytope of the smallest level (`fw.SFW_DEFAULTS`);
+    "cram" by CrAM⁺ cycling through the levels (`cram.cram_refine`), `budget` optimizer steps
+    (default: LC's default budget on this loader)."""
     from .artifact.multilevel import build_levels, levels_summary, save_multilevel
     from .fw import SFW_DEFAULTS, KSparsePolytope, sfw_refine
 
     check_output_path(Path(out), [ckpt])
+    if method not in ("none", "sfw", "cram"):
+        raise ConfigError(f"method={method!r} must be none, sfw or cram")
+    if method == "cram" and structure != "weight":
+        raise ConfigError("--method cram trains for weight levels; use --structure weight (or --method sfw)")
     ck = read_checkpoint(ckpt, trust=trust)
     model = build_model(ck, model_spec)
     subject = model if model is not None else state_module(ck.state_dict)
     names = select(subject, model is not None, include, exclude)
+    if method != "none" and (model is None or not data_spec):
+        raise ConfigError(f"--method {method} trains: give --model and --data")
     if method == "sfw":
-        if model is None or not data_spec:
-            raise ConfigError("--method sfw trains: give --model and --data")
         subject = sfw_refine(model, load_data(data_spec), {tuple(names): KSparsePolytope(k=min(keeps))},
                              seed=seed, device="cpu", **SFW_DEFAULTS)
+    elif method == "cram":
+        from .cram import cram_refine
+
+        data = load_data(data_spec)
+        if budget is None:
+            try:
+                budget = sum(LCConfig(cap=DEFAULT_CAP).plan(len(data["train"])) or [])
+            except TypeError:
+                raise ConfigError("--method cram needs --budget when the training loader has no len()") from None
+        recipes = [Recipe.single(names, Prune(keep=k), joint=not per_layer) for k in keeps]
+        subject = cram_refine(model, data, recipes, iterations=budget, seed=seed, device="cpu",
+                              on_step=None if on_progress is None else (lambda done: on_progress(done, budget)))
     levels = build_levels(subject, names, keeps, scope="layer" if per_layer else "global", structure=structure)
     size = save_multilevel(out, subject, levels)
     return MultilevelOutcome(Path(out), size, levels_summary(out))

@@ -1,4 +1,5 @@
-"""Direct compression, iterated DC, the LC algorithm, and fine-tuning with the compression fixed.
+"""Direct compression, iterated DC, the LC algorithm, fine-tuning with the compression fixed, and
+AC/DC (alternating compressed / decompressed phases, `acdc`).
 
 LC (Carreira-Perpiñán 2017) solves min_w L(w) s.t. w = Δ(θ) by the augmented Lagrangian:
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import distributed
+from .acdc import ACDC
 from .errors import ConfigError
 from .lc_config import LCConfig, LStep, LStepContext, Result, StepRecord, split
 from .lc_state import LCState, fingerprint
@@ -42,7 +44,7 @@ from .util import copy_module
 
 log = logging.getLogger("lccompress")
 
-METHODS = ("dc", "idc", "lc", "finetune")
+METHODS = ("dc", "idc", "lc", "finetune", "acdc")
 
 
 def compress(
@@ -62,8 +64,8 @@ def compress(
     state_dir: str | Path | None = None,
     resume: bool = False,
 ) -> Result:
-    """Compress a trained model by `method` ("dc", "idc", "lc", "finetune"); the input model is not
-    changed. (`lccompress.compress` adds the Frank-Wolfe methods "sfw" and "fw-grow".)
+    """Compress a trained model by `method` ("dc", "idc", "lc", "finetune", "acdc"); the input model
+    is not changed. (`lccompress.compress` adds "cram" and the Frank-Wolfe methods "sfw" and "fw-grow".)
 
     `data` is a training DataLoader or {"train": ..., "eval": ...}; "dc" needs none. Each batch is
     (inputs, targets). `loss(output, target)` defaults to cross-entropy and `metric(outputs,
@@ -139,8 +141,8 @@ def dc_curvature(model: nn.Module, loss: Any, loader: Any, device: torch.device,
     return base, moved, dist
 
 
-class _Run:
-    """State of one compression run; one public method per algorithm."""
+class _Run(ACDC):
+    """State of one compression run; one public method per algorithm (AC/DC's in `acdc.ACDC`)."""
 
     def __init__(self, model, recipe, data, config, loss, metric, lstep, device, callback) -> None:
         self.model, self.data, self.loss, self.metric = model, data, loss, metric
@@ -418,10 +420,12 @@ class _Run:
         return self.finish(thetas, "finetune")
 
     def tune(self, thetas: dict[str, Theta], iters: int | None, epochs: int | None, lr: float, where: str,
-             limit: int | None = None) -> tuple[dict[str, Theta], float]:
+             limit: int | None = None, lr_factor: Callable[[float], float] | None = None
+             ) -> tuple[dict[str, Theta], float]:
         """Train θ's free parts (kept values, codebook entries, factors) and the dense parameters
         from `thetas` for `iters` optimizer steps (or whole `epochs`), the learning rate from `lr`
-        down a cosine; masks, codes, ranks stay fixed. Returns (θ, the task loss)."""
+        down a cosine (or lr × lr_factor(steps or epochs done)); masks, codes, ranks stay fixed.
+        Returns (θ, the task loss)."""
         cfg = self.cfg
         if isinstance(self.model, torch.jit.ScriptModule):
             raise ConfigError("finetune needs a Python module (TorchScript cannot run with swapped-in "
@@ -450,7 +454,7 @@ class _Run:
                                 epochs=None if iters else total, iterations=iters, loss_fn=self.loss,
                                 device=self.device, optimizer=cfg.optimizer, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                                lr_factor=lambda e: cosine(e, total), guard=self.guard, where=where,
+                                lr_factor=lr_factor or (lambda e: cosine(e, total)), guard=self.guard, where=where,
                                 on_step=self.progress(iters), amp=cfg.amp, tally=self.tally, limit=limit)
         finally:
             for h in hooks:

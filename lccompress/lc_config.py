@@ -68,6 +68,8 @@ class LCConfig:
     pull: str = "auto"
     #: LC's last share of the budget, training θ itself (see above); None: the schemes' default
     tail: float | None = None
+    #: AC/DC's compressed / decompressed phase pairs before its final compressed phase (`acdc`)
+    cycles: int = 4
 
     def __post_init__(self) -> None:
         def pos(name: str, integer: bool = False, zero: bool = False) -> None:
@@ -76,7 +78,7 @@ class LCConfig:
             if isinstance(v, bool) or not ok or v < 0 or (v == 0 and not zero):
                 raise ConfigError(f"{name}={v!r} must be a {'whole' if integer else ''} number "
                                   f"{'≥ 0' if zero else '> 0'}".replace("  ", " "))
-        pos("steps", True), pos("epochs", zero=True)
+        pos("steps", True), pos("epochs", zero=True), pos("cycles", True)
         pos("lr_decay"), pos("lr_clip"), pos("tol", zero=True), pos("momentum", zero=True)
         for name, zero in (("mu0", False), ("mu_growth", False), ("weight_decay", True), ("lr", False),
                            ("first_epochs", True)):

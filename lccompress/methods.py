@@ -1,6 +1,7 @@
 """Every compression method behind one call: the LC family, and Frank-Wolfe training then DC.
 
-    compress(model, recipe, data, method=…)    "dc", "idc", "lc", "finetune" (lccompress.lc);
+    compress(model, recipe, data, method=…)    "dc", "idc", "lc", "finetune", "acdc" (lccompress.lc);
+                                               "cram" (lccompress.cram, then "dc");
                                                "sfw", "fw-grow" (lccompress.fw, then "dc")
     one_shot(model, params, keep= | rank=)     magnitude pruning or SVD truncation by DC
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from . import lc
+from .cram import DEFAULT_RHO, cram_refine
 from .errors import ConfigError
 from .fw import GROW_DEFAULTS, SFW_DEFAULTS, constraints_for, fw_grow, sfw_refine
 from .lc import LCConfig, Result
@@ -23,16 +25,19 @@ from .recipe import Recipe
 from .schemes import LowRank, Prune
 from .train import as_data, resolve_device
 
-METHODS = lc.METHODS + ("sfw", "fw-grow")
+METHODS = lc.METHODS + ("cram", "sfw", "fw-grow")
 
 
 def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str = "lc",
              config: LCConfig = LCConfig(), device: str | torch.device = "auto", seed: int = 0,
-             sfw: Mapping[str, Any] | None = None, **options: Any) -> Result:
+             sfw: Mapping[str, Any] | None = None, cram: Mapping[str, Any] | None = None,
+             **options: Any) -> Result:
     """Compress a trained model by `method`; the input model is not changed.
 
-    Methods: "dc", "idc", "lc", "finetune" (`lccompress.lc.compress`, which documents `options`:
-    loss, metric, lstep, callback, on_epoch, state_dir, resume); "sfw" (stochastic Frank-Wolfe
+    Methods: "dc", "idc", "lc", "finetune", "acdc" (`lccompress.lc.compress`, which documents
+    `options`: loss, metric, lstep, callback, on_epoch, state_dir, resume); "cram" (CrAM⁺ training
+    of the dense model, `lccompress.cram`, for LC's budget in optimizer steps with `config`'s
+    optimizer, lr and weight decay, `cram` options rho (default 0.05) and plus, then one-shot DC); "sfw" (stochastic Frank-Wolfe
     refinement inside the recipe's matching norm balls, `fw.SFW_DEFAULTS`, then one-shot DC);
     "fw-grow" (pruning recipes only: the compressed weights grow from zero by Frank-Wolfe on the
     distillation loss against the model, at most κ non-zeros by construction, then DC, which keeps
@@ -48,10 +53,23 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
     if "train" not in d and options.get("lstep") is None:
         raise ConfigError(f"method {method!r} trains, so it needs training data (or an lstep function)")
     if options.get("lstep") is not None:
-        raise ConfigError(f"method {method!r} trains with its own Frank-Wolfe steps; lstep= does not apply")
+        raise ConfigError(f"method {method!r} trains with its own steps; lstep= does not apply")
     dev = resolve_device(device)
     t = time.perf_counter()
-    if method == "sfw":
+    if method == "cram":
+        cfg = config.resolve(recipe.groups(model))
+        try:
+            plan = cfg.plan(len(d["train"]))
+        except TypeError:
+            plan = cfg.plan(None)
+        if plan is None:
+            raise ConfigError("cram needs its budget in optimizer steps: a training loader with a len(), or a budget")
+        trained = cram_refine(model, d, recipe, iterations=sum(plan), lr=cfg.lr, optimizer=cfg.optimizer,
+                              momentum=cfg.momentum, weight_decay=cfg.weight_decay, amp=cfg.amp,
+                              rho=(cram or {}).get("rho", DEFAULT_RHO), plus=(cram or {}).get("plus", True),
+                              loss=options.get("loss"), device=dev,
+                              seed=seed, on_step=_progress(options.get("on_progress"), sum(plan)))
+    elif method == "sfw":
         trained = sfw_refine(model, d, constraints_for(recipe, model), loss=options.get("loss"), device=dev,
                              seed=seed, **{**SFW_DEFAULTS, **(sfw or {})})
     else:
@@ -62,11 +80,18 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
         trained = fw_grow(model, model, d, count=count, params=list(groups[0].params), device=dev,
                           seed=seed, **GROW_DEFAULTS)
     seconds = time.perf_counter() - t
-    r = lc.compress(trained, recipe, d, method="dc", config=config, metric=options.get("metric"), device=dev,
-                    seed=seed)
+    steps = sum(plan) if method == "cram" else None
+    r = lc.compress(trained, recipe, d, method="dc", config=config, loss=options.get("loss"),
+                    metric=options.get("metric"), device=dev, seed=seed)
     r.method = method
+    if steps is not None:
+        r.budget = {**r.budget, "steps": steps, "epochs": steps / len(d["train"])}
     r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
     return r
+
+
+def _progress(on_progress: Any, total: int) -> Any:
+    return None if on_progress is None else (lambda done: on_progress(done, total))
 
 
 def one_shot(

@@ -1,4 +1,4 @@
-"""lccompress.compress: the LC family passes through; "sfw" and "fw-grow" are Frank-Wolfe training
+"""lccompress.compress: the LC family passes through; "cram", "sfw" and "fw-grow" are training
 composed with DC here (lc and fw never import each other); one_shot is DC by magnitude or SVD."""
 
 import pytest
@@ -71,4 +71,5 @@ def test_method_errors_are_named(toy):
         lcc.compress(model, recipe, loader, method="sfw", lstep=lambda m, p, c: None)
     with pytest.raises(lcc.ConfigError, match="single pruning rule"):
         lcc.compress(model, lcc.Recipe.single(["fc1.weight"], lcc.LowRank(2)), loader, method="fw-grow")
-    assert lc.METHODS == ("dc", "idc", "lc", "finetune") and set(lcc.METHODS) == set(lc.METHODS) | {"sfw", "fw-grow"}
+    assert lc.METHODS == ("dc", "idc", "lc", "finetune", "acdc")
+    assert set(lcc.METHODS) == set(lc.METHODS) | {"cram", "sfw", "fw-grow"}

@@ -318,3 +318,52 @@ def test_budget_and_fractional_epochs_from_the_command_line(fx, tmp_path):
     assert rep["config"]["optimizer"] == "adamw" and rep["config"]["cap"] is None
     r = run(*common, "--amp", "fp16", "-o", tmp_path / "f.safetensors", ok=False)
     assert r.exit_code == 1 and "fp16 needs a CUDA" in r.output and not (tmp_path / "f.safetensors").exists()
+
+
+def test_acdc_and_cram_from_the_command_line(fx, tmp_path):
+    common = ["prune", fx["ckpt"], "--keep", "0.1", "--model", fx["model"], "--data", fx["data"], "--steps", "3",
+              "--budget", "30", "--device", "cpu"]
+    for method, extra in (("acdc", ["--cycles", "1"]), ("cram", ["--rho", "0.1"])):
+        rep = tmp_path / f"{method}.json"
+        r = run(*common, "--method", method, *extra, "-o", tmp_path / f"{method}.safetensors", "--report", rep)
+        report = json.loads(rep.read_text())
+        assert report["method"] == method and report["budget"]["steps"] == 30, r.output
+        layers = report["layers"]
+        assert sum(row["summary"]["kept"] for row in layers) <= round(0.1 * sum(row["numel"] for row in layers))
+    out = run(*common, "--method", "acdc", "--cycles", "20", "-o", tmp_path / "x.safetensors", ok=False)
+    assert out.exit_code == 1 and "too small for 20 AC/DC cycles" in out.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_multilevel_after_cram_stores_the_cram_trained_model(fx, tmp_path):
+    import importlib.util
+
+    from lccompress import Prune, Recipe
+    from lccompress.artifact.multilevel import extract as extract_level
+    from lccompress.checkpoint import load_callable
+    from lccompress.cram import cram_refine
+
+    multi, plain = tmp_path / "cram.safetensors", tmp_path / "plain.safetensors"
+    run("multilevel", fx["ckpt"], "--keep", "0.3,0.1", "--method", "cram", "--budget", "60", "--model", fx["model"],
+        "--data", fx["data"], "-o", multi)
+    run("multilevel", fx["ckpt"], "--keep", "0.3,0.1", "-o", plain)
+    make, data = load_callable(fx["model"], "model"), load_callable(fx["data"], "data")()
+    model = make()
+    model.load_state_dict(torch.load(fx["ckpt"], weights_only=True))
+    names = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    want = cram_refine(model, data, [Recipe.single(names, Prune(keep=k), joint=True) for k in (0.3, 0.1)],
+                       iterations=60, device="cpu")
+    dense = extract_level(multi, 0)
+    assert all(torch.equal(dense[k], v) for k, v in want.state_dict().items())
+
+    def accuracy(path, level):
+        m = make()
+        m.load_state_dict(extract_level(path, level))
+        m.eval()
+        with torch.no_grad():
+            hits = sum(int((m(x).argmax(1) == y).sum()) for x, y in data["eval"])
+        return hits / sum(len(y) for _, y in data["eval"])
+
+    assert accuracy(multi, 2) > accuracy(plain, 2)  # keep 10 %: trained for it, not one-shot from the reference
+    r = run("multilevel", fx["ckpt"], "--keep", "0.3", "--method", "cram", "-o", tmp_path / "y.safetensors", ok=False)
+    assert r.exit_code == 1 and "--method cram trains" in r.output
