@@ -336,8 +336,6 @@ def test_acdc_and_cram_from_the_command_line(fx, tmp_path):
 
 
 def test_multilevel_after_cram_stores_the_cram_trained_model(fx, tmp_path):
-    import importlib.util
-
     from lccompress import Prune, Recipe
     from lccompress.artifact.multilevel import extract as extract_level
     from lccompress.checkpoint import load_callable
