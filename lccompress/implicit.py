@@ -19,10 +19,13 @@ Backward is implicit differentiation, the DEQ pattern of Bai, Kolter, Koltun (20
 z = f(x*) = relu(x* Aᵀ + u Bᵀ) is recomputed with grad, so autograd supplies ∂f/∂A, ∂f/∂B, ∂f/∂u
 at x*; a hook on z replaces the incoming gradient g by the solution y of the adjoint fixed point
 
-    y = g + Jᵀ y,   J = ∂f/∂x at x*,   Jᵀy = (y ⊙ mask) A,   mask = (x* Aᵀ + u Bᵀ > 0),
+    y = g + Jᵀ y,   J = ∂f/∂x at x*,   Jᵀy = (y ⊙ mask) A,   mask = (x* Aᵀ + u Bᵀ ≥ 0),
 
 i.e. y = (I − Jᵀ)⁻¹ g, solved by the same iteration, tolerance and cap (it contracts in ℓ1 at rate
-‖A‖∞). Only first derivatives are supported: the hook is not itself differentiable.
+‖A‖∞). Only first derivatives are supported: the hook is not itself differentiable. At a
+pre-activation of exactly 0 the derivative taken is relu'(0) = 1 (an element of relu's
+subdifferential [0, 1]; torch's relu takes 0): otherwise a layer whose A and B are all zero, the
+start of Frank-Wolfe training from zero (`fw.fw_grow`), would have a zero gradient everywhere.
 
 ONNX export (and torch.jit tracing) takes a static path instead: exactly `export_iterations`
 (default 50) unrolled Picard steps from x_0 = 0, no data-dependent control flow. Its error against
@@ -153,8 +156,8 @@ class ImplicitNet(nn.Module):
     def _attach(self, x: Tensor, u: Tensor) -> Tensor:
         """One step z = f(x*) with grad to A, B, u, its incoming gradient g replaced by (I − Jᵀ)⁻¹ g."""
         pre = x @ self.A.T + u @ self.B.T                                    # (batch, n)
-        z = torch.relu(pre)
-        mask = (pre > 0).detach().to(pre.dtype)                              # relu'(pre), (batch, n)
+        z = pre.clamp(min=0)  # relu, with the derivative 1 at 0 (see the module docstring)
+        mask = (pre >= 0).detach().to(pre.dtype)                             # relu'(pre), (batch, n)
         A = self.A.detach()
 
         def adjoint(g: Tensor | None) -> Tensor | None:

@@ -19,11 +19,12 @@ from torch import nn
 from . import lc
 from .cram import DEFAULT_RHO, cram_refine
 from .errors import ConfigError
-from .fw import GROW_DEFAULTS, SFW_DEFAULTS, constraints_for, fw_grow, sfw_refine
+from .fw import GROW_DEFAULTS, SFW_DEFAULTS, GrowSet, constraints_for, fw_grow, sfw_refine
 from .lc import LCConfig, Result
 from .recipe import Recipe
-from .schemes import LowRank, Prune
+from .schemes import LowRank, Prune, RowL1Ball, SparseRowL1Ball
 from .train import as_data, resolve_device
+from .util import kappa
 
 METHODS = lc.METHODS + ("cram", "sfw", "fw-grow")
 
@@ -39,9 +40,10 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
     of the dense model, `lccompress.cram`, for LC's budget in optimizer steps with `config`'s
     optimizer, lr and weight decay, `cram` options rho (default 0.05) and plus, then one-shot DC); "sfw" (stochastic Frank-Wolfe
     refinement inside the recipe's matching norm balls, `fw.SFW_DEFAULTS`, then one-shot DC);
-    "fw-grow" (pruning recipes only: the compressed weights grow from zero by Frank-Wolfe on the
-    distillation loss against the model, at most κ non-zeros by construction, then DC, which keeps
-    them all). `sfw` overrides `fw.SFW_DEFAULTS`.
+    "fw-grow" (the compressed weights grow from zero by Frank-Wolfe on the distillation loss
+    against the model, inside each group's set (`grow_sets`), so within its budget by
+    construction; then DC, which keeps them all; `fw.GROW_DEFAULTS`). `sfw` overrides
+    `fw.SFW_DEFAULTS`.
     """
     if method not in METHODS:
         raise ConfigError(f"method={method!r} must be one of {', '.join(METHODS)}")
@@ -73,12 +75,7 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
         trained = sfw_refine(model, d, constraints_for(recipe, model), loss=options.get("loss"), device=dev,
                              seed=seed, **{**SFW_DEFAULTS, **(sfw or {})})
     else:
-        groups = recipe.groups(model)
-        if len(groups) != 1 or not isinstance(groups[0].scheme, Prune):
-            raise ConfigError("fw-grow grows one sparse constraint: give a single pruning rule (joint for several layers)")
-        count = groups[0].scheme.kappa(groups[0].shape.numel())
-        trained = fw_grow(model, model, d, count=count, params=list(groups[0].params), device=dev,
-                          seed=seed, **GROW_DEFAULTS)
+        trained = fw_grow(model, model, d, sets=grow_sets(recipe, model), device=dev, seed=seed, **GROW_DEFAULTS)
     seconds = time.perf_counter() - t
     steps = sum(plan) if method == "cram" else None
     r = lc.compress(trained, recipe, d, method="dc", config=config, loss=options.get("loss"),
@@ -88,6 +85,30 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
         r.budget = {**r.budget, "steps": steps, "epochs": steps / len(d["train"])}
     r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
     return r
+
+
+def grow_sets(recipe: Recipe, model: nn.Module) -> list[GrowSet]:
+    """fw-grow's set per group of a recipe: Prune(keep | count) → the box k-sparse polytope with its
+    count (joint over a joint group); SparseRowL1Ball(κ, …) → row ℓ1 balls of radius κ with its
+    budget (per row, or in all); RowL1Ball(κ) → row ℓ1 balls alone. The ball schemes are those of
+    implicit layers' A (well-posed when κ < 1)."""
+    out: list[GrowSet] = []
+    for g in recipe.groups(model):
+        s, n = g.scheme, g.shape.numel()
+        rows = g.shape[0] if len(g.shape) else 1
+        if isinstance(s, Prune):
+            out.append(GrowSet(tuple(g.params), s.kappa(n)))
+        elif isinstance(s, SparseRowL1Ball) and s.per_row:
+            per = kappa(n // rows, keep=s.keep, count=s.count, what="weights per row")
+            out.append(GrowSet(tuple(g.params), per * rows, kappa=s.kappa, row_count=per))
+        elif isinstance(s, SparseRowL1Ball):
+            out.append(GrowSet(tuple(g.params), kappa(n, keep=s.keep, count=s.count), kappa=s.kappa))
+        elif isinstance(s, RowL1Ball):
+            out.append(GrowSet(tuple(g.params), n, kappa=s.kappa))
+        else:
+            raise ConfigError(f"fw-grow grows sparse or row-ℓ1-ball constraints (Prune, SparseRowL1Ball, RowL1Ball), "
+                              f"not {type(s).__name__} ({g.name})")
+    return out
 
 
 def _progress(on_progress: Any, total: int) -> Any:

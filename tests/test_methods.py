@@ -60,6 +60,36 @@ def test_fw_grow_stays_within_its_budget_and_keeps_every_weight(toy):
     assert 0 < nnz <= 20 and got.method == "fw-grow"
 
 
+def test_fw_grow_sets_follow_the_recipe():
+    from lccompress.implicit import ImplicitNet
+    from lccompress.methods import grow_sets
+
+    net = ImplicitNet(6, 10, 3)
+    recipe = lcc.Recipe((lcc.Rule(("A",), lcc.SparseRowL1Ball(0.9, keep=0.2)),
+                         lcc.Rule(("B",), lcc.Prune(keep=0.1)),
+                         lcc.Rule(("C",), lcc.SparseRowL1Ball(0.5, count=7, per_row=False)),
+                         lcc.Rule(("D",), lcc.RowL1Ball(0.7))))
+    assert grow_sets(recipe, net) == [fw.GrowSet(("A",), 20, kappa=0.9, row_count=2), fw.GrowSet(("B",), 6),
+                                      fw.GrowSet(("C",), 7, kappa=0.5), fw.GrowSet(("D",), 18, kappa=0.7)]
+
+
+def test_fw_grow_on_an_implicit_net_is_well_posed_and_within_budget():
+    from lccompress.implicit import ImplicitNet
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(96, 6, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    loader = [(X[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    torch.manual_seed(0)
+    net = ImplicitNet(6, 10, 3)
+    recipe = lcc.Recipe((lcc.Rule(("A",), lcc.SparseRowL1Ball(0.9, keep=0.2, per_row=False)),
+                         lcc.Rule(("B",), lcc.Prune(keep=0.3))))
+    got = lcc.compress(net, recipe, {"train": loader, "eval": loader}, method="fw-grow", device="cpu")
+    A, B = got.model.A.detach(), got.model.B.detach()
+    assert 0 < int((A != 0).sum()) <= 20 and 0 < int((B != 0).sum()) <= 18
+    assert float(A.abs().sum(1).max()) <= 0.9 + 1e-6 and got.metric is not None
+
+
 def test_method_errors_are_named(toy):
     model, loader = toy
     recipe = lcc.Recipe.single(["fc1.weight"], lcc.Prune(keep=0.5))
@@ -69,7 +99,7 @@ def test_method_errors_are_named(toy):
         lcc.compress(model, recipe, method="sfw")
     with pytest.raises(lcc.ConfigError, match="lstep= does not apply"):
         lcc.compress(model, recipe, loader, method="sfw", lstep=lambda m, p, c: None)
-    with pytest.raises(lcc.ConfigError, match="single pruning rule"):
+    with pytest.raises(lcc.ConfigError, match="not LowRank"):
         lcc.compress(model, lcc.Recipe.single(["fc1.weight"], lcc.LowRank(2)), loader, method="fw-grow")
     assert lc.METHODS == ("dc", "idc", "lc", "finetune", "acdc")
     assert set(lcc.METHODS) == set(lc.METHODS) | {"cram", "sfw", "fw-grow"}

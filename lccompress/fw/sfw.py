@@ -11,7 +11,11 @@ extreme points, lose little when compressed one-shot afterwards. One SFW step on
     x ← (1 − η)·x + η·v                      a convex combination: x never leaves C
 
     sfw_refine(model, data, constraints, ...)   SFW from the reference → a compression-robust model
-    fw_grow(model, reference, data, count=...)  FW from zero on a distillation loss → ≤ count non-zeros
+    fw_grow(model, reference, data, count=... | sets=[GrowSet, ...])
+                                                FW from zero (distillation, or the task loss when
+                                                reference=None) → ≤ count non-zeros per set, in a
+                                                k-sparse polytope or, kappa given, in row ℓ1 balls
+                                                (‖A‖∞ ≤ kappa: a well-posed implicit model)
     prune_filters(model, params, keep)          structured: zero the rows (filters) of smallest ℓ2 norm
 
 Both train through the one training loop (`train.train_loop`, its NaN guard included) with the
@@ -22,6 +26,7 @@ by direct compression are composed in `lccompress.api`.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -37,6 +42,8 @@ from ..train import (Guard, LossFn, as_data, cosine, distill_loss, resolve_devic
                      train_loop)
 from ..util import as_matrix, kappa
 from .lmo import LMO, KSparsePolytope, L2Ball, SpectralKSupport
+
+log = logging.getLogger("lccompress")
 
 
 @dataclass
@@ -253,54 +260,206 @@ def compressible(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.dim() >= 2]
 
 
+@dataclass(frozen=True)
+class GrowSet:
+    """One constraint of `fw_grow`, over weights that start at zero.
+
+    kappa=None: the listed weights jointly in the box-scaled k-sparse polytope with k = count,
+    C = {x : |xᵢ| ≤ r_l, Σᵢ |xᵢ|/r_l ≤ count}, r_l = slack·‖w_l‖∞ of the starting model's tensor l.
+    kappa > 0: exactly one weight W, seen as the matrix (rows, D) (rows the first axis, the rest
+    flattened), in the product of row ℓ1 balls C = {X : ‖X_i‖₁ ≤ kappa for every row i}, grown to
+    at most `count` non-zeros in all and at most `row_count` in each row (None: no per-row cap;
+    row_count needs kappa). For the state matrix A of an `ImplicitNet`, kappa < 1 keeps
+    ‖A‖∞ ≤ kappa < 1 (well-posed) at every iterate. `count` is checked against the weights' size
+    by `fw_grow`.
+    """
+
+    params: tuple[str, ...]
+    count: int
+    kappa: float | None = None
+    row_count: int | None = None
+
+    def __post_init__(self) -> None:
+        ps = self.params
+        if isinstance(ps, str) or not isinstance(ps, (tuple, list)) or not ps or \
+                not all(isinstance(n, str) for n in ps):
+            raise ConfigError(f"GrowSet params={ps!r} must be a non-empty tuple of parameter names")
+        if len(set(ps)) != len(ps):
+            raise ConfigError(f"GrowSet params={ps!r} names a parameter twice")
+        object.__setattr__(self, "params", tuple(ps))
+        _positive("GrowSet count", self.count, integer=True)
+        if self.kappa is not None:
+            _positive("GrowSet kappa", self.kappa)
+            if len(ps) != 1:
+                raise ConfigError(f"GrowSet kappa={self.kappa!r} constrains the rows of one weight; params={ps!r}")
+        if self.row_count is not None:
+            if self.kappa is None:
+                raise ConfigError("GrowSet row_count applies only to a row-ball set (give kappa)")
+            _positive("GrowSet row_count", self.row_count, integer=True)
+
+
+def _as_rows(shape: torch.Size) -> tuple[int, int]:
+    """(rows, D): a weight's first axis, the rest flattened; a scalar is one row of one."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 1 else (1, 1)
+
+
+@torch.no_grad()
+def polytope_vertex(m: Tensor, r: Tensor, support: Tensor, per_step: int, count: int) -> Tensor:
+    """fw_grow's LMO of the box-scaled k-sparse polytope {x : |xᵢ| ≤ rᵢ, Σᵢ |xᵢ|/rᵢ ≤ count},
+    restricted to the candidates S ∪ N: S = `support` (bool, m.numel() entries, updated in place),
+    N the ≤ min(count − |S|, per_step) coordinates outside S with the largest non-zero |mᵢ|·rᵢ.
+    Returns v = −rᵢ·sign(mᵢ) on S ∪ N, 0 elsewhere (m's shape); then S ← S ∪ supp(v)."""
+    shape, m = m.shape, m.reshape(-1)
+    score = m.abs() * r
+    left = count - int(support.sum())
+    cand = support.clone()
+    if left > 0:
+        outside = torch.where(support | (score == 0), torch.zeros_like(score), score)
+        k = min(left, per_step, int((outside > 0).sum()))
+        if k > 0:
+            cand[torch.topk(outside, k, sorted=False).indices] = True
+    v = torch.where(cand, -r * torch.sign(m), torch.zeros_like(m))
+    support.logical_or_(v != 0)
+    return v.reshape(shape)
+
+
+@torch.no_grad()
+def row_ball_vertex(m: Tensor, kappa: float, support: Tensor, per_step: int, count: int,
+                    row_count: int | None = None) -> Tensor:
+    """The LMO of the row ℓ1 balls {X : ‖X_i‖₁ ≤ kappa} restricted to a candidate set.
+
+    M = m as the matrix (rows, D); S = `support` (bool, m.numel() entries, updated in place) the
+    support so far; N the ≤ min(count − |S|, per_step) coordinates outside S with the largest
+    |M_ij| > 0, in rows with |S_i| < row_count (any row when row_count is None); cand = S ∪ N.
+    Over the face {X : ‖X_i‖₁ ≤ kappa, supp X_i ⊆ cand_i} the minimiser of ⟨M, V⟩ is, row by row,
+
+        V_i = −kappa·sign(M_ij*)·e_j*,   j* = argmax_{j ∈ cand_i} |M_ij|   (0 if cand_i = ∅ or the max is 0)
+
+    (ties: the first j). Then S ← S ∪ supp(V): each call adds at most one coordinate per row, only
+    to rows below row_count, and only coordinates of N, so |S| ≤ count and |S_i| ≤ row_count
+    hold at every step, and every convex combination of such V and 0 has ‖X_i‖₁ ≤ kappa."""
+    rows, D = _as_rows(m.shape)
+    M, S = m.reshape(rows, D), support.view(rows, D)
+    score = M.abs()
+    left = count - int(S.sum())
+    cand = S.clone()
+    if left > 0 and per_step > 0:
+        blocked = S | (score == 0)
+        if row_count is not None:
+            blocked |= (S.sum(1) >= row_count)[:, None]
+        outside = torch.where(blocked, torch.zeros_like(score), score).reshape(-1)
+        k = min(left, per_step, int((outside > 0).sum()))
+        if k > 0:
+            cand.view(-1)[torch.topk(outside, k, sorted=False).indices] = True
+    masked = torch.where(cand, score, torch.zeros_like(score))
+    best, j = masked.max(1)  # (rows,): the first maximiser
+    hit = best > 0
+    V = torch.zeros_like(M)
+    idx = torch.arange(rows, device=M.device)[hit]
+    V[idx, j[hit]] = -kappa * torch.sign(M[idx, j[hit]])
+    S[idx, j[hit]] = True
+    return V.reshape(m.shape)
+
+
 def fw_grow(
     model: nn.Module,
-    reference: nn.Module,
+    reference: nn.Module | None,
     data: Any,
     *,
-    count: int,
+    count: int | None = None,
     epochs: int,
     lr: float,
     params: Sequence[str] | None = None,
+    sets: Sequence[GrowSet] | None = None,
     grow_epochs: int | None = None,
     momentum: float = 0.9,
     slack: float = 1.0,
     dense_lr: float = 0.01,
     distill: str = "kl",
     temperature: float = 1.0,
+    loss: LossFn | None = None,
     schedule: str = "cosine",
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> nn.Module:
-    """Grow a sparse model from zero by Frank-Wolfe on the distillation loss against `reference`.
+    """Grow sparse weights from zero by Frank-Wolfe; returns a new model (the input is not changed).
 
-    The weights `params` (default: every ≥ 2-D weight) of a copy of `model` start at zero; the other
-    parameters keep `model`'s values and take SGD steps. Labels are not used: the loss compares
-    the student's logits with the reference's. The constraint is one joint k-sparse polytope, with
-    k = count, in coordinates scaled per tensor: C = {x : |xᵢ| ≤ r_l, Σᵢ |xᵢ|/r_l ≤ count},
-    r_l = slack·‖w_l‖∞ of `model`'s tensor l. Its LMO is restricted to the face of vertices supported on the candidate set
-    S ∪ N, where S is the support grown so far and N the ≤ b coordinates outside S with the largest
-    |mᵢ|·r_l, b = min(count − |S|, ⌈count / (grow_epochs·batches)⌉):
+    The constraints are either `count` (with `params`, default every ≥ 2-D weight: one
+    GrowSet(params, count)) or `sets`, a sequence of `GrowSet` over disjoint weights. The weights of
+    every set, in a copy of `model`, start at zero; the other parameters keep `model`'s values and
+    take SGD steps at `dense_lr`. The loss is the distillation loss (`distill`, `temperature`)
+    between the student's and `reference`'s logits, labels unused; with reference=None it is the
+    task loss `loss` on the labels (as in `sfw_refine`).
 
-        v = −r_l·sign(mᵢ) on S ∪ N,  0 elsewhere;   S ← S ∪ {i : vᵢ ≠ 0}
+    Each set's LMO is restricted to the face of vertices supported on the candidates S ∪ N, S the
+    support grown so far and N the ≤ b coordinates outside S with the largest scores,
+    b = min(count − |S|, ⌈count / (grow_epochs·batches)⌉); then S ← S ∪ supp(v).
 
-    so |S| ≤ count at every step and the result has at most `count` non-zeros by construction
-    (the support fills during the first `grow_epochs`, default epochs // 2, then only its values move).
+    kappa=None: one joint k-sparse polytope, k = count, in coordinates scaled per tensor,
+    C = {x : |xᵢ| ≤ r_l, Σᵢ |xᵢ|/r_l ≤ count}, r_l = slack·‖w_l‖∞ of `model`'s tensor l;
+    scores |mᵢ|·r_l and (`polytope_vertex`)
+
+        v = −r_l·sign(mᵢ) on S ∪ N,  0 elsewhere.
+
+    kappa given: row ℓ1 balls ‖X_i‖₁ ≤ kappa of one weight; scores |m_ij|, rows at `row_count`
+    excluded from N, and per row one vertex −kappa·sign(m_ij*)·e_j* (`row_ball_vertex`).
+
+    So |S| ≤ count (and |S_i| ≤ row_count) at every step and the result has at most `count`
+    non-zeros per set by construction (the supports fill during the first `grow_epochs`, default
+    epochs // 2, then only their values move). Steps are gradient-rescaled, η = lr·‖m‖/‖x − v‖.
+
+    A coordinate enters S only where its gradient is non-zero, so weights whose gradient vanishes
+    at zero never grow (a warning is logged for a set left empty). An `ImplicitNet` with A = B = 0
+    has the state x = 0 at relu's kink; its backward takes relu'(0) = 1 there, so B (and then A)
+    get gradients and grow: A in row ℓ1 balls of radius kappa < 1 (well-posed at every step), B in
+    the box polytope.
     """
     dev = resolve_device(device)
     loader = _loader(data)
     model = copy.deepcopy(model).to(dev)
-    teacher = copy.deepcopy(reference).to(dev).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = None
+    if reference is not None:
+        if loss is not None:
+            raise ConfigError("loss= applies only with reference=None; with a reference the loss is distillation")
+        teacher = copy.deepcopy(reference).to(dev).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     named = dict(model.named_parameters())
-    names = list(params) if params is not None else compressible(model)
-    unknown = [n for n in names if n not in named]
-    if unknown or not names:
-        raise ConfigError(f"params={unknown or names!r} name no parameter; parameters are: {', '.join(named)}")
-    total = sum(named[n].numel() for n in names)
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= total:
-        raise ConfigError(f"count={count!r} must be an integer between 1 and {total}, the weights it applies to")
+    if sets is None:
+        if count is None:
+            raise ConfigError("fw_grow needs count= (with params=) or sets=")
+        names = list(params) if params is not None else compressible(model)
+        unknown = [n for n in names if n not in named]
+        if unknown or not names:
+            raise ConfigError(f"params={unknown or names!r} name no parameter; parameters are: {', '.join(named)}")
+        total = sum(named[n].numel() for n in names)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= total:
+            raise ConfigError(f"count={count!r} must be an integer between 1 and {total}, the weights it applies to")
+        sets = [GrowSet(tuple(names), count)]
+    else:
+        if count is not None or params is not None:
+            raise ConfigError("give either count= (with params=) or sets=, not both")
+        sets = [sets] if isinstance(sets, GrowSet) else list(sets)
+        if not sets:
+            raise ConfigError("sets= is empty: give at least one GrowSet")
+    taken: dict[str, int] = {}
+    for i, gs in enumerate(sets):
+        if not isinstance(gs, GrowSet):
+            raise ConfigError(f"sets[{i}]={gs!r} is not a GrowSet")
+        unknown = [n for n in gs.params if n not in named]
+        if unknown:
+            raise ConfigError(f"sets[{i}] params {unknown!r} name no parameter; parameters are: {', '.join(named)}")
+        for n in gs.params:
+            if n in taken:
+                raise ConfigError(f"parameter {n!r} is in both sets[{taken[n]}] and sets[{i}]")
+            taken[n] = i
+        total = sum(named[n].numel() for n in gs.params)
+        if not gs.count <= total:
+            raise ConfigError(f"sets[{i}] count={gs.count!r} must be an integer between 1 and {total}, "
+                              f"the weights it applies to")
+        if gs.row_count is not None and gs.row_count > _as_rows(named[gs.params[0]].shape)[1]:
+            raise ConfigError(f"sets[{i}] row_count={gs.row_count!r} exceeds the row length "
+                              f"{_as_rows(named[gs.params[0]].shape)[1]} of {gs.params[0]!r}")
     _positive("epochs", epochs, integer=True), _positive("slack", slack)
     grow_epochs = max(1, epochs // 2) if grow_epochs is None else grow_epochs
     _positive("grow_epochs", grow_epochs, integer=True)
@@ -308,40 +467,51 @@ def fw_grow(
         batches = len(loader)  # type: ignore[arg-type]
     except TypeError:
         raise ConfigError("fw_grow needs a training loader with a length (to spread the growth)") from None
-    per_step = math.ceil(count / (grow_epochs * max(1, batches)))
-    with torch.no_grad():
-        r = torch.cat([torch.full((named[n].numel(),), slack * float(named[n].abs().max()), device=dev) for n in names])
-        if not bool((r > 0).all()):
-            raise ConfigError("a weight to grow is all zero in `model`, so it gives no radius")
-        for n in names:
-            named[n].zero_()
-    support = torch.zeros(total, dtype=torch.bool, device=dev)
-    span = Span("+".join(names), tuple(names), tuple(named[n].shape for n in names))
-    block = _Block(span, named, L2Ball(1.0))  # its LMO is lmo() below
-
-    def lmo(b: _Block, m: Tensor) -> Tensor:  # m (total,)
-        score = m.abs() * r
-        left = count - int(support.sum())
-        cand = support.clone()
-        if left > 0:
-            outside = torch.where(support | (score == 0), torch.zeros_like(score), score)
-            k = min(left, per_step, int((outside > 0).sum()))
-            if k > 0:
-                cand[torch.topk(outside, k, sorted=False).indices] = True
-        v = torch.where(cand, -r * torch.sign(m), torch.zeros_like(m))
-        support.logical_or_(v != 0)
-        return v
-
-    kd = distill_loss(distill, temperature)
-
-    def objective(x: Any, y: Any) -> Tensor:
+    blocks: list[_Block] = []
+    supports: list[Tensor] = []
+    lmos: dict[int, Callable[[Tensor], Tensor]] = {}
+    for gs in sets:
+        names = list(gs.params)
+        total = sum(named[n].numel() for n in names)
+        per_step = math.ceil(gs.count / (grow_epochs * max(1, batches)))
         with torch.no_grad():
-            t = prediction(x(teacher))
-        return kd(prediction(x(model)), t)
+            if gs.kappa is None:
+                r = torch.cat([torch.full((named[n].numel(),), slack * float(named[n].abs().max()), device=dev)
+                               for n in names])
+                if not bool((r > 0).all()):
+                    raise ConfigError("a weight to grow is all zero in `model`, so it gives no radius")
+            for n in names:
+                named[n].zero_()
+        support = torch.zeros(total, dtype=torch.bool, device=dev)
+        span = Span("+".join(names), tuple(names), tuple(named[n].shape for n in names))
+        block = _Block(span, named, L2Ball(1.0))  # its LMO is lmos[id(block)]
+        if gs.kappa is None:
+            lmos[id(block)] = (lambda m, r=r, s=support, b=per_step, k=gs.count: polytope_vertex(m, r, s, b, k))
+        else:
+            lmos[id(block)] = (lambda m, s=support, b=per_step, g=gs:
+                               row_ball_vertex(m, float(g.kappa), s, b, g.count, g.row_count))
+        blocks.append(block)
+        supports.append(support)
 
-    _fw_train(model, loader, [block], epochs=epochs, lr=lr, momentum=momentum, rescale="gradient",
-              objective=objective, device=dev, seed=seed, schedule=schedule, dense_lr=dense_lr, lmo_fn=lmo,
-              state=[support])
+    if teacher is None:
+        task = as_loss(loss)
+
+        def objective(x: Any, y: Any) -> Tensor:
+            return task.on(model, x, y)[0]
+    else:
+        kd = distill_loss(distill, temperature)
+
+        def objective(x: Any, y: Any) -> Tensor:
+            with torch.no_grad():
+                t = prediction(x(teacher))
+            return kd(prediction(x(model)), t)
+
+    _fw_train(model, loader, blocks, epochs=epochs, lr=lr, momentum=momentum, rescale="gradient",
+              objective=objective, device=dev, seed=seed, schedule=schedule, dense_lr=dense_lr,
+              lmo_fn=lambda b, m: lmos[id(b)](m), state=supports)
+    for gs, support in zip(sets, supports):
+        if not bool(support.any()):
+            log.warning("fw_grow: %s grew no weight (its gradient was zero at every step)", "+".join(gs.params))
     return model
 
 
@@ -390,5 +560,5 @@ def prune_filters(model: nn.Module, params: str | Sequence[str], keep: float) ->
     return model
 
 
-__all__ = ["GROW_DEFAULTS", "SFW_DEFAULTS", "compressible", "constraints_for", "fw_grow", "prune_filters",
-           "sfw_refine"]
+__all__ = ["GROW_DEFAULTS", "GrowSet", "SFW_DEFAULTS", "compressible", "constraints_for", "fw_grow",
+           "polytope_vertex", "prune_filters", "row_ball_vertex", "sfw_refine"]

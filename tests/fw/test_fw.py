@@ -1,14 +1,19 @@
 """Frank-Wolfe: each LMO against a brute-force minimum over its set's extreme points (or the SVD
 closed form), each gauge against an LP / a dual program, and the SFW contracts (iterates stay in
-the ball, no mutation, same seed → same bytes, fw_grow's non-zero budget)."""
+the ball, no mutation, same seed → same bytes, fw_grow's non-zero budget), and fw_grow's row ℓ1
+LMO against brute force over its restricted face, with implicit models kept well-posed."""
 
+import copy
+import hashlib
 import itertools
+import logging
 
 import pytest
 import torch
 
 import lccompress as lcc
 from lccompress import fw
+from lccompress.implicit import ImplicitNet
 
 
 def _g(*shape, seed=0, dtype=torch.float64):
@@ -264,6 +269,179 @@ def test_fw_grow_bad_count_raises(toy):
     model, loader = toy
     with pytest.raises(lcc.ConfigError, match="count=1000"):
         fw.fw_grow(model, model, loader, count=1000, epochs=1, lr=1.0)
+
+
+def test_fw_grow_path_is_unchanged(toy):
+    # the non-zeros and weights that fw_grow(count=...) gave before GrowSet existed; the third
+    # start has fc2 × 8, so the per-tensor radii r_l decide which coordinates enter the support
+    model, loader = toy
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.fc2.weight.mul_(8)
+    old = [(model, 7, [86, 87, 93, 97, 98, 99, 105], 0.8911482095718384),
+           (model, 40, "e6c7e58cf550001c", 1.8232592344284058),
+           (scaled, 25, "17930e842d45e1c9", 1.417526364326477)]
+    for start, count, support, l1 in old:
+        out = fw.fw_grow(start, model, loader, count=count, epochs=4, lr=2.0)
+        flat = torch.cat([out.fc1.weight.detach().reshape(-1), out.fc2.weight.detach().reshape(-1)])
+        idx = flat.nonzero().reshape(-1).tolist()
+        assert (idx if count == 7 else hashlib.sha256(str(idx).encode()).hexdigest()[:16]) == support
+        assert float(flat.abs().sum()) == pytest.approx(l1, rel=1e-5)
+        # the same constraint as one GrowSet: the same bytes
+        via = fw.fw_grow(start, model, loader, sets=[fw.GrowSet(("fc1.weight", "fc2.weight"), count)],
+                         epochs=4, lr=2.0)
+        assert all(torch.equal(v, via.state_dict()[k]) for k, v in out.state_dict().items())
+
+
+def test_fw_grow_one_tensor(toy):
+    model, loader = toy
+    out = fw.fw_grow(model, model, loader, count=5, params=["fc1.weight"], epochs=2, lr=2.0)
+    assert 0 < int((out.fc1.weight != 0).sum()) <= 5
+    assert not torch.equal(out.fc2.weight, model.fc2.weight)  # a dense parameter: SGD steps
+
+
+# ----------------------------------------------------------------------------- fw_grow, row ℓ1 balls
+def _restricted_face_min(m, kappa, S, per_step, count, row_count):
+    """min ⟨m, v⟩ over every vertex of the face: each row 0 or ±kappa·e_j, j ∈ S_i ∪ N_i, with N the
+    top min(count − |S|, per_step) non-zero |m_ij| outside S in rows below row_count."""
+    rows, D = m.shape
+    full = [row_count is not None and int(S[i].sum()) >= row_count for i in range(rows)]
+    outside = sorted(((float(m[i, j].abs()), i, j) for i in range(rows) for j in range(D)
+                      if not S[i, j] and m[i, j] != 0 and not full[i]), reverse=True)
+    cand = S.clone()
+    for _, i, j in outside[:max(0, min(count - int(S.sum()), per_step))]:
+        cand[i, j] = True
+    options = [[0.0] + [s * kappa * float(m[i, j]) for j in range(D) if cand[i, j] for s in (-1, 1)]
+               for i in range(rows)]
+    return min(sum(c) for c in itertools.product(*options))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("per_step,count,row_count", [(1, 5, None), (3, 6, 2), (8, 7, 1), (2, 12, 3)])
+def test_row_ball_vertex_is_the_best_vertex_of_the_restricted_face(seed, per_step, count, row_count):
+    kappa = 0.8
+    g = torch.Generator().manual_seed(seed)
+    S = torch.rand(3, 4, generator=g) < 0.25  # a support grown so far, within the caps
+    while int(S.sum()) > count - 1 or (row_count is not None and int(S.sum(1).max()) > row_count):
+        S[torch.nonzero(S)[0].unbind()] = False
+    m = _g(3, 4, seed=seed)
+    m[0, 1] = 0.0  # a zero score is never a candidate
+    want = _restricted_face_min(m, kappa, S, per_step, count, row_count)
+    before = S.clone()
+    v = fw.row_ball_vertex(m, kappa, S, per_step, count, row_count)
+    assert _dot(m, v) == pytest.approx(want, rel=1e-12)
+    assert ((v != 0).sum(1) <= 1).all() and set(v.abs().unique().tolist()) <= {0.0, kappa}
+    assert torch.equal(S, before | (v != 0))  # the support is updated in place
+    assert int(S.sum()) <= count and (row_count is None or int(S.sum(1).max()) <= row_count)
+    assert int((S & ~before).sum(1).max()) <= 1
+
+
+@pytest.mark.parametrize("row_count", [None, 2])
+def test_row_ball_supports_fill_to_their_caps(row_count):
+    kappa, count = 0.6, 9
+    S = torch.zeros(4, 5, dtype=torch.bool)
+    x = torch.zeros(4, 5, dtype=torch.float64)
+    for step in range(60):
+        m = _g(4, 5, seed=100 + step)
+        v = fw.row_ball_vertex(m, kappa, S, 2, count, row_count)
+        assert (v[~S] == 0).all() and int(S.sum()) <= count
+        assert row_count is None or int(S.sum(1).max()) <= row_count
+        x = torch.lerp(x, v, 0.3)
+        assert float(x.abs().sum(1).max()) <= kappa * (1 + 1e-12)  # every iterate in the row ℓ1 balls
+    assert int(S.sum()) == (count if row_count is None else min(count, 4 * row_count))
+
+
+class _Spy(ImplicitNet):
+    """Records ‖A‖∞ at every forward (training iterates included)."""
+
+    def forward(self, u):
+        self.seen = getattr(self, "seen", []) + [self.well_posedness()]
+        return super().forward(u)
+
+
+@pytest.fixture
+def implicit():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(128, 8, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    torch.manual_seed(0)
+    return _Spy(8, 12, 3), [(X[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+
+
+def _nll(model, loader, teacher=None):
+    with torch.no_grad():
+        X, y = torch.cat([x for x, _ in loader]), torch.cat([t for _, t in loader])
+        if teacher is None:
+            return float(torch.nn.functional.cross_entropy(model(X), y))
+        return float(torch.nn.functional.kl_div(model(X).log_softmax(1), teacher(X).log_softmax(1),
+                                                log_target=True, reduction="batchmean"))
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_fw_grow_implicit_net_in_the_sparse_well_posed_set(implicit, distill):
+    """A and B both from zero (the state starts at relu's kink, where the backward takes relu'(0) = 1)."""
+    model, loader = implicit
+    torch.manual_seed(1)
+    teacher = ImplicitNet(8, 12, 3) if distill else None
+    kappa, count_a, row_count, count_b = 0.9, 30, 3, 24
+    sets = [fw.GrowSet(("A",), count_a, kappa=kappa, row_count=row_count), fw.GrowSet(("B",), count_b)]
+    out = fw.fw_grow(model, teacher, loader, sets=sets, epochs=20, lr=1.0)
+    A, B = out.A.detach(), out.B.detach()
+    assert 0 < int((A != 0).sum()) <= count_a and int((A != 0).sum(1).max()) <= row_count
+    assert 0 < int((B != 0).sum()) <= count_b
+    assert out.seen and max(out.seen) <= kappa + 1e-6  # ‖A‖∞ ≤ kappa at every iterate
+    assert not torch.equal(out.C, model.C) and not torch.equal(out.D, model.D)  # dense: trained
+    zero = copy.deepcopy(model)
+    with torch.no_grad():
+        zero.A.zero_(), zero.B.zero_()
+    assert _nll(out, loader, teacher) < 0.9 * _nll(zero, loader, teacher)
+    for name in ("A", "B"):  # the grown weights contribute
+        without = copy.deepcopy(out)
+        with torch.no_grad():
+            getattr(without, name).zero_()
+        assert _nll(out, loader, teacher) < _nll(without, loader, teacher)
+
+
+def test_fw_grow_says_so_when_a_set_grows_nothing(implicit, caplog):
+    model, loader = implicit
+
+    class Unused(torch.nn.Module):  # a weight the loss does not depend on: no gradient, no growth
+        def __init__(self):
+            super().__init__()
+            self.net, self.W = copy.deepcopy(model), torch.nn.Parameter(torch.ones(3, 4))
+
+        def forward(self, u):
+            return self.net(u)
+
+    with caplog.at_level(logging.WARNING, logger="lccompress"):
+        out = fw.fw_grow(Unused(), None, loader, sets=[fw.GrowSet(("W",), 5)], epochs=1, lr=5.0)
+    assert int((out.W != 0).sum()) == 0 and "W grew no weight" in caplog.text
+
+
+def test_grow_set_and_fw_grow_bad_input_raises(implicit):
+    model, loader = implicit
+    bad_sets = [dict(params=("A", "B"), count=3, kappa=0.5), dict(params=(), count=3), dict(params="A", count=3),
+                dict(params=("A",), count=0), dict(params=("A",), count=2.0), dict(params=("A",), count=3, kappa=0.0),
+                dict(params=("B",), count=3, row_count=2), dict(params=("A",), count=3, kappa=0.5, row_count=0),
+                dict(params=("A", "A"), count=3)]
+    for bad in bad_sets:
+        with pytest.raises(lcc.ConfigError, match="GrowSet"):
+            fw.GrowSet(**bad)
+    run = lambda **kw: fw.fw_grow(model, None, loader, epochs=1, lr=1.0, **kw)  # noqa: E731
+    with pytest.raises(lcc.ConfigError, match="both sets"):
+        run(sets=[fw.GrowSet(("A",), 3, kappa=0.5), fw.GrowSet(("B", "A"), 3)])
+    with pytest.raises(lcc.ConfigError, match="count=145"):
+        run(sets=[fw.GrowSet(("A",), 145, kappa=0.5)])
+    with pytest.raises(lcc.ConfigError, match="row_count=13"):
+        run(sets=[fw.GrowSet(("A",), 5, kappa=0.5, row_count=13)])
+    with pytest.raises(lcc.ConfigError, match="no parameter"):
+        run(sets=[fw.GrowSet(("E",), 5)])
+    with pytest.raises(lcc.ConfigError, match="not both"):
+        run(count=3, sets=[fw.GrowSet(("A",), 3)])
+    with pytest.raises(lcc.ConfigError, match="count="):
+        run()
+    with pytest.raises(lcc.ConfigError, match="reference=None"):
+        fw.fw_grow(model, model, loader, sets=[fw.GrowSet(("A",), 3)], epochs=1, lr=1.0, loss="ce")
 
 
 def test_constraints_for_a_recipe(toy):
