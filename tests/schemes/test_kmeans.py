@@ -79,6 +79,14 @@ def test_larger_input_and_trained_weights(digits_ref):
             assert sse_of(x, kmeans_1d(x, k, bins=bins)) <= exact * (1 + 1e-4) + 1e-12
 
 
+@pytest.mark.parametrize("name,k,n", [("normal", 128, 3000), ("heavy", 256, 1200), ("ties", 256, 1200)])
+def test_large_k_within_1e_4_of_the_exact_optimum(name, k, n):
+    """k up to 256; at n = 3000 > 16·k the default summary (16 points per cluster, the path large
+    tensors take) is coarser than the data."""
+    x = _data(name, n, seed=k + 1)
+    assert sse_of(x, kmeans_1d(x, k, bins=16 * k)) <= exact_sse(x.numpy(), k) * (1 + 1e-4) + 1e-9
+
+
 def _lloyd_np(x: np.ndarray, c: np.ndarray, iters: int = 1000) -> float:
     """Plain Lloyd with nearest-centroid assignment, written here."""
     for _ in range(iters):
