@@ -22,7 +22,8 @@ Part "b1". B1's MLP 64-300-100-10 (60 epochs of SGD, seeds 3, 4, 5), one global 
 over its three weights. At keep 5 %: LC, AC/DC (4 cycles), CrAM⁺ (ρ 0.05) then one-shot, and SFW
 then one-shot, every method at LC's budget in optimizer steps. Across multilevel levels (keep 50,
 20, 10, 5 %): one file from the reference as is, from SFW, and from CrAM⁺ cycling through the
-levels (one dense model each), against LC and AC/DC run separately per level.
+levels (SGD lr 0.01, `cram.MULTILEVEL_DEFAULTS`; one dense model each), against LC and AC/DC run
+separately per level.
 
 Test error in %, one thread; means over the seeds (implicit: 0, 1, 2; B1: 3, 4, 5).
 """
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lccompress as lcc  # noqa: E402
 from lccompress import digits, fw  # noqa: E402
 from lccompress.artifact.multilevel import build_levels, extract, save_multilevel  # noqa: E402
-from lccompress.cram import cram_refine  # noqa: E402
+from lccompress.cram import MULTILEVEL_DEFAULTS, cram_refine  # noqa: E402
 from lccompress.implicit import ImplicitNet  # noqa: E402
 from lccompress.train import accuracy, evaluate  # noqa: E402
 
@@ -155,7 +156,8 @@ def part_b1(seeds: list[int]) -> list[dict[str, Any]]:
                                         device="cpu", **{**fw.SFW_DEFAULTS, "epochs": sfw_epochs})
             elif method == "multilevel cram":
                 recipes = [lcc.Recipe.single(B1_NAMES, lcc.Prune(keep=k), joint=True) for k in LEVELS]
-                subject = cram_refine(ref, data, recipes, iterations=budget, seed=seed, device="cpu")
+                subject = cram_refine(ref, data, recipes, iterations=budget, seed=seed, device="cpu",
+                                      **MULTILEVEL_DEFAULTS)
             else:
                 subject = ref
             seconds = time.perf_counter() - t

@@ -914,8 +914,8 @@ def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool =
                on_progress: Callable[[int, int | None], None] | None = None) -> MultilevelOutcome:
     """One file with nested sparsity levels (`artifact.multilevel`). Method "sfw" refines the dense
     model first by Frank-Wolfe in the k-sparse polytope of the smallest level (`fw.SFW_DEFAULTS`);
-    "cram" by CrAM⁺ cycling through the levels (`cram.cram_refine`), `budget` optimizer steps
-    (default: LC's default budget on this loader)."""
+    "cram" by CrAM⁺ cycling through the levels (`cram.cram_refine` with `cram.MULTILEVEL_DEFAULTS`),
+    `budget` optimizer steps (default: LC's default budget on this loader)."""
     from .artifact.multilevel import build_levels, levels_summary, save_multilevel
     from .fw import SFW_DEFAULTS, KSparsePolytope, sfw_refine
 
@@ -934,7 +934,7 @@ def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool =
         subject = sfw_refine(model, load_data(data_spec), {tuple(names): KSparsePolytope(k=min(keeps))},
                              seed=seed, device="cpu", **SFW_DEFAULTS)
     elif method == "cram":
-        from .cram import cram_refine
+        from .cram import MULTILEVEL_DEFAULTS, cram_refine
 
         data = load_data(data_spec)
         if budget is None:
@@ -943,7 +943,7 @@ def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool =
             except TypeError:
                 raise ConfigError("--method cram needs --budget when the training loader has no len()") from None
         recipes = [Recipe.single(names, Prune(keep=k), joint=not per_layer) for k in keeps]
-        subject = cram_refine(model, data, recipes, iterations=budget, seed=seed, device="cpu",
+        subject = cram_refine(model, data, recipes, iterations=budget, seed=seed, device="cpu", **MULTILEVEL_DEFAULTS,
                               on_step=None if on_progress is None else (lambda done: on_progress(done, budget)))
     levels = build_levels(subject, names, keeps, scope="layer" if per_layer else "global", structure=structure)
     size = save_multilevel(out, subject, levels)

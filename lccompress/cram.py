@@ -38,6 +38,12 @@ from .util import copy_module
 #: ρ, the ascent step before the C step: the paper's range for image models is 0.05–0.1 (SGD)
 DEFAULT_RHO = 0.05
 
+#: cram_refine's options for a multi-level file (`api.multilevel`), measured on B1's MLP at the
+#: levels 50/20/10/5 % (benchmarks/implicit_digits.py): with AdamW at lr 1e-3 (the single-level
+#: method's default, LC's) the dense model and the 50 % level lost 0.6–1 point to the reference;
+#: SGD with momentum at lr 0.01 kept every level at or below it
+MULTILEVEL_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9}
+
 
 def cram_refine(
     model: nn.Module,
@@ -110,4 +116,4 @@ def cram_refine(
     return model
 
 
-__all__ = ["DEFAULT_RHO", "cram_refine"]
+__all__ = ["DEFAULT_RHO", "MULTILEVEL_DEFAULTS", "cram_refine"]

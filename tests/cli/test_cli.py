@@ -339,7 +339,7 @@ def test_multilevel_after_cram_stores_the_cram_trained_model(fx, tmp_path):
     from lccompress import Prune, Recipe
     from lccompress.artifact.multilevel import extract as extract_level
     from lccompress.checkpoint import load_callable
-    from lccompress.cram import cram_refine
+    from lccompress.cram import MULTILEVEL_DEFAULTS, cram_refine
 
     multi, plain = tmp_path / "cram.safetensors", tmp_path / "plain.safetensors"
     run("multilevel", fx["ckpt"], "--keep", "0.3,0.1", "--method", "cram", "--budget", "60", "--model", fx["model"],
@@ -350,7 +350,7 @@ def test_multilevel_after_cram_stores_the_cram_trained_model(fx, tmp_path):
     model.load_state_dict(torch.load(fx["ckpt"], weights_only=True))
     names = [n for n, p in model.named_parameters() if p.dim() >= 2]
     want = cram_refine(model, data, [Recipe.single(names, Prune(keep=k), joint=True) for k in (0.3, 0.1)],
-                       iterations=60, device="cpu")
+                       iterations=60, device="cpu", **MULTILEVEL_DEFAULTS)
     dense = extract_level(multi, 0)
     assert all(torch.equal(dense[k], v) for k, v in want.state_dict().items())
 
