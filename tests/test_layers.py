@@ -1,9 +1,9 @@
 """The house's arrows, read from the source: no import cycles, no forbidden arrows, no private names.
 
-    cli → api, sweep → methods → {algorithms: train, lc, lc_state, fw, digits}
+    cli → api, sweep → methods → {algorithms: train, lc, lc_state, acdc, cram, fw, digits}
                                  {formats: artifact, checkpoint, report}  → recipe, modelio → schemes, structure → util, errors
 
-Formats know nothing of training, `fw` never imports `lc`, nothing under lccompress/ imports
+Formats know nothing of training, `fw` and `cram` never import `lc`, nothing under lccompress/ imports
 rich or click (the screen belongs to the CLI). Every import counts, also those inside functions.
 """
 
@@ -19,6 +19,7 @@ LAYERS = {  # module prefix → layer; a module may import only lower layers, or
     "lccompress.schemes": 1, "lccompress.structure": 1,
     "lccompress.recipe": 2, "lccompress.modelio": 2, "lccompress.distributed": 2, "lccompress.implicit": 2,
     "lccompress.train": 3, "lccompress.lc": 3, "lccompress.lc_config": 3, "lccompress.lc_state": 3, "lccompress.fw": 3, "lccompress.digits": 3,
+    "lccompress.acdc": 3, "lccompress.cram": 3,
     "lccompress.artifact": 3, "lccompress.checkpoint": 3, "lccompress.report": 3,
     "lccompress.methods": 4,
     "lccompress.api": 5, "lccompress.sweep": 5,
@@ -26,12 +27,14 @@ LAYERS = {  # module prefix → layer; a module may import only lower layers, or
     "lccompress.cli": 7,
     "lccompress.__main__": 8,  # python -m lccompress: runs the CLI
 }
-ALGORITHMS = ("lccompress.train", "lccompress.lc", "lccompress.lc_config", "lccompress.lc_state", "lccompress.fw", "lccompress.digits")
+ALGORITHMS = ("lccompress.train", "lccompress.lc", "lccompress.lc_config", "lccompress.lc_state", "lccompress.fw",
+              "lccompress.digits", "lccompress.acdc", "lccompress.cram")
 FORMATS = ("lccompress.artifact", "lccompress.checkpoint", "lccompress.report")
 FORBIDDEN = [  # (importer prefix, imported prefixes)
     (FORMATS, ALGORITHMS + ("lccompress.methods", "lccompress.api", "lccompress.sweep")),
     (ALGORITHMS, FORMATS),
-    (("lccompress.fw",), ("lccompress.lc", "lccompress.lc_config", "lccompress.lc_state", "lccompress.methods")),
+    (("lccompress.fw", "lccompress.cram"), ("lccompress.lc", "lccompress.lc_config", "lccompress.lc_state",
+                                            "lccompress.methods")),
 ]
 
 
