@@ -30,17 +30,23 @@ onnxruntime densifies them at load anyway.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
+import os
+import sys
+import tempfile
+import types
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper, version_converter
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..modelio import Inputs, as_inputs, prediction
@@ -117,6 +123,58 @@ def _find(inits: Mapping[str, onnx.TensorProto], name: str, w: np.ndarray) -> tu
         if w.ndim == 2 and a.shape == w.T.shape and np.array_equal(a, w.T):
             return t.name, True
     return None
+
+
+def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                 key_padding_mask: Tensor | None = None, need_weights: bool = True, attn_mask: Tensor | None = None,
+                 average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    """nn.MultiheadAttention's forward (eval, no bias_k / bias_v / zero attention), computed so that
+    the TorchScript exporter keeps the sequence axes dynamic: torch's own reads the key's length
+    from a tensor whose shape the exporter has made static, so its graph runs at the example's
+    length only (pytorch/pytorch#120075). Anything else goes to torch's forward."""
+    if query.dim() != 3 or (is_causal and attn_mask is None):
+        return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                             average_attn_weights, is_causal)
+    if self.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    L, N, E = query.shape  # (length, batch, embedding): unpacked, the exporter keeps them dynamic
+    S = key.shape[0]
+    H, d = self.num_heads, self.head_dim
+    if self._qkv_same_embed_dim:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+    b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, w_q, b_q).reshape(L, N * H, d).transpose(0, 1)  # (N·H, L, d)
+    k = F.linear(key, w_k, b_k).reshape(S, N * H, d).transpose(0, 1)
+    v = F.linear(value, w_v, b_v).reshape(S, N * H, d).transpose(0, 1)
+    scores = torch.bmm(q * d ** -0.5, k.transpose(1, 2))  # (N·H, L, S)
+    if attn_mask is not None:  # (L, S) or (N·H, L, S); True or −inf: not attended
+        am = attn_mask if attn_mask.is_floating_point() else \
+            torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(attn_mask, float("-inf"))
+        scores = scores + am.to(scores.dtype)
+    if key_padding_mask is not None:  # (N, S)
+        kpm = key_padding_mask if key_padding_mask.is_floating_point() else \
+            torch.zeros_like(key_padding_mask, dtype=scores.dtype).masked_fill(key_padding_mask, float("-inf"))
+        scores = (scores.reshape(N, H, L, S) + kpm.to(scores.dtype).reshape(N, 1, 1, S)).reshape(N * H, L, S)
+    attn = torch.softmax(scores, -1)
+    out = torch.bmm(attn, v).transpose(0, 1).reshape(L, N, E)
+    out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+    if self.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    weights = attn.reshape(N, H, L, S)
+    return out, (weights.mean(1) if average_attn_weights else weights)
+
+
+def _traceable_attention_(m: nn.Module) -> None:
+    """Give the model's plain nn.MultiheadAttention layers `_mha_forward` (the exported copy only)."""
+    for mod in m.modules():
+        if isinstance(mod, nn.MultiheadAttention) and type(mod).forward is nn.MultiheadAttention.forward and \
+                mod.bias_k is None and mod.bias_v is None and not mod.add_zero_attn and \
+                not (mod.training and mod.dropout > 0):
+            mod.forward = types.MethodType(_mha_forward, mod)  # type: ignore[method-assign]
 
 
 class _Graph(nn.Module):
@@ -270,6 +328,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
         deltas = {p: _np(params[p]) for g in groups for p in g.params}
     ins = list(input_names or onnx_input_names(m, example))
     split = set(split_lowrank_(m, th, groups)) if split_lowrank else set()
+    _traceable_attention_(m)
     graph = _Graph(m, example, output)
     try:
         with torch.no_grad():
@@ -289,7 +348,7 @@ def export_onnx(model: nn.Module, thetas: Mapping[str, Theta], groups: list[Grou
                 axes[name][1] = "seq"
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _exporter_output_held():
             warnings.simplefilter("ignore")
             traced: nn.Module = graph
             if isinstance(m, torch.jit.ScriptModule):  # the exporter traces plain modules only: trace it first
@@ -437,6 +496,59 @@ def _matmul_nbits(b: _Builder, graph: onnx.GraphProto, scheme: Any, theta: Theta
     if via is not None:
         graph.node.remove(via)
     return f"matmulnbits/{lay['attrs']['bits']}bit/b{lay['attrs']['block_size']}"
+
+
+def _c_flush() -> None:
+    """Flush the C library's stdout buffer (where C++ std::cout writes), so that it lands before
+    the file descriptor behind it changes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library by that name (Windows): nothing to flush
+        pass
+
+
+@contextlib.contextmanager
+def _exporter_output_held() -> Iterator[None]:
+    """Hold back what is printed to stdout while the exporter runs, at the Python and the file
+    descriptor level: passed on unchanged when the export succeeds, dropped when it fails.
+
+    The TorchScript exporter turns its C++ ONNX log on and leaves it on (it tests the function
+    `_jit_is_onnx_log_enabled` instead of calling it), so a failing export prints a ~20-line
+    "Torch IR graph at exception" dump through std::cout, around the one-line error that names the
+    operator. The log flag is also put back as it was."""
+    log_was = getattr(torch._C, "_jit_is_onnx_log_enabled", lambda: None)()
+    held = io.StringIO()
+    sys.stdout.flush()
+    _c_flush()
+    try:
+        saved: int | None = os.dup(1)
+    except OSError:  # no file descriptor 1 (a detached process): Python-level output only
+        saved = None
+    tmp = tempfile.TemporaryFile()
+    if saved is not None:
+        os.dup2(tmp.fileno(), 1)
+    ok = False
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+        ok = True
+    finally:
+        _c_flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        if log_was is not None:
+            torch._C._jit_set_onnx_log_enabled(log_was)
+        if ok:  # nothing went wrong: what was printed is not ours to drop
+            tmp.seek(0)
+            raw = tmp.read()
+            while raw:
+                raw = raw[os.write(1, raw):]
+            if held.getvalue():
+                sys.stdout.write(held.getvalue())
+        tmp.close()
 
 
 def _first_line(e: BaseException) -> str:
