@@ -169,7 +169,8 @@ class _Run(ACDC):
 
     # -- resumable state ---------------------------------------------------------------------
     def restore(self) -> tuple[int, dict[str, Theta], dict[str, Tensor]] | None:
-        """(next step, θ, λ) from a saved state, with weights, RNG and history restored; or None."""
+        """(next step, θ, λ) from a saved state, with weights, RNG (torch's, the loaders' generators',
+        Python's `random` and numpy's global one) and history restored; or None."""
         st = self.state.load() if self.state else None
         if st is None:
             return None
@@ -191,6 +192,8 @@ class _Run(ACDC):
         self.cfg = replace(self.cfg, mu0=st.get("mu0", self.cfg.mu0))
         if self.stream is not None:
             self.stream.restore(st.get("stream"))
+        if st.get("host_rng") is not None:  # states saved before it was recorded have none
+            LCState.set_host_rngs(st["host_rng"])  # after the stream's replay, which may draw from them
         self.history = [StepRecord(**h) for h in st["history"]]
         to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
         return st["step"] + 1, {g: to(th) for g, th in st["thetas"].items()}, to(st["lam"])
@@ -204,7 +207,7 @@ class _Run(ACDC):
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         self.state.save({
             "step": step, "weights": cpu(self.weights()), "thetas": {g: cpu(th) for g, th in thetas.items()},
-            "lam": cpu(lam), "rng": torch.get_rng_state(),
+            "lam": cpu(lam), "rng": torch.get_rng_state(), "host_rng": LCState.host_rngs(),
             "loader_rng": [g.get_state() for g in loader_generators(self.data)],
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "guard": [self.guard.failures, self.guard.scale], "tally": dict(self.tally), "mu0": self.cfg.mu0,

@@ -330,3 +330,132 @@ def test_resume_after_an_interruption_mid_run_is_byte_identical(scheme, generato
         res = compress(model, recipe, data(), config=cfg, device="cpu", state_dir=d, resume=True)
         for (n, a), b in zip(full.model.state_dict().items(), res.model.state_dict().values()):
             assert torch.equal(a, b), (k, n)
+
+
+class _HostRandomLoader:
+    """Batches of (X, y) in an order drawn from Python's `random` or numpy's global RNG, with
+    numpy noise added to the inputs: a user's pipeline that torch's RNGs do not cover."""
+
+    def __init__(self, X, y, source, batch=32):
+        self.X, self.y, self.source, self.batch = X, y, source, batch
+
+    def __len__(self):
+        return len(self.X) // self.batch
+
+    def __iter__(self):
+        import random
+
+        import numpy as np
+
+        n = len(self.X)
+        order = random.sample(range(n), n) if self.source == "random" else np.random.permutation(n).tolist()
+        for i in range(len(self)):
+            idx = torch.tensor(order[i * self.batch:(i + 1) * self.batch])
+            noise = torch.from_numpy(np.random.standard_normal((len(idx), self.X.shape[1])).astype("float32"))
+            yield self.X[idx] + 0.1 * noise, self.y[idx]
+
+
+@pytest.mark.parametrize("source", ["random", "numpy"])
+def test_resume_restores_python_and_numpy_rngs_that_the_loader_draws_from(source, tmp_path):
+    """A loader drawing its order from `random` (or numpy) and numpy noise, interrupted inside
+    step k and resumed in a fresh call after the script seeded them again (as a new process
+    would): the same bytes as an unbroken run, because the LC state holds both RNGs."""
+    import random
+
+    import numpy as np
+
+    from lccompress import LCConfig, Prune, Recipe, compress
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 10, generator=g)
+    y = (X[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    recipe = Recipe.single(["0.weight", "2.weight"], Prune(keep=0.1))
+    cfg = LCConfig(steps=5, epochs=1, first_epochs=1, tail=0)  # steps end on pass boundaries
+
+    def fresh():
+        random.seed(7)
+        np.random.seed(7)
+        return {"train": _HostRandomLoader(X, y, source)}
+
+    full = compress(model, recipe, fresh(), config=cfg, device="cpu")
+    again = compress(model, recipe, fresh(), config=cfg, device="cpu")
+    same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a.model.state_dict().values(),  # noqa: E731
+                                                               b.model.state_dict().values()))
+    assert same(full, again)  # the loader is reproducible from its seeds
+    for k in (1, 3):
+        d = tmp_path / f"state{k}"
+
+        def interrupt(rec, k=k):
+            if rec.step == k:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            compress(model, recipe, fresh(), config=cfg, device="cpu", state_dir=d, callback=interrupt)
+        res = compress(model, recipe, fresh(), config=cfg, device="cpu", state_dir=d, resume=True)
+        assert [h.step for h in res.history] == list(range(5))
+        assert same(full, res), k
+
+
+def test_a_state_saved_without_host_rngs_still_resumes(tmp_path):
+    """LC states written before Python's and numpy's RNGs were saved load and resume."""
+    from lccompress import LCConfig, Prune, Recipe, compress
+    from lccompress.lc_state import LCState
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(96, 6, generator=g)
+    data = [(X[i:i + 32], (X[i:i + 32, 0] > 0).long()) for i in range(0, 96, 32)]
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    recipe, cfg = Recipe.single("0.weight", Prune(keep=0.25)), LCConfig(steps=3, epochs=1, first_epochs=1)
+    full = compress(model, recipe, {"train": data}, config=cfg, device="cpu")
+
+    def stop(rec):
+        if rec.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, recipe, {"train": data}, config=cfg, device="cpu", state_dir=tmp_path, callback=stop)
+    path = tmp_path / LCState.FILE
+    st = torch.load(path, weights_only=True)
+    assert "host_rng" in st
+    del st["host_rng"]
+    torch.save(st, path)
+    res = compress(model, recipe, {"train": data}, config=cfg, device="cpu", state_dir=tmp_path, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), res.model.state_dict().values()))
+
+
+def test_resume_with_another_number_of_loader_generators_is_refused(tmp_path):
+    """The loaders on resume hold a torch.Generator the saved run's did not (or the reverse):
+    the batches would come in another order, so --resume is refused in one line."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lccompress import ConfigError, LCConfig, Prune, Recipe, compress
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(128, 6, generator=g)
+    ds = TensorDataset(X, (X[:, 0] > 0).long())
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    recipe, cfg = Recipe.single("0.weight", Prune(keep=0.25)), LCConfig(steps=3, epochs=1, first_epochs=1)
+
+    def data(generators):
+        gens = [torch.Generator().manual_seed(i) for i in range(generators)]
+        if generators < 2:
+            return {"train": DataLoader(ds, batch_size=32, shuffle=True, generator=gens[0] if gens else None)}
+        return {"train": DataLoader(ds, batch_size=32, shuffle=True, generator=gens[0]),
+                "eval": DataLoader(ds, batch_size=32, shuffle=True, generator=gens[1])}
+
+    def stop(rec):
+        if rec.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, recipe, data(1), config=cfg, device="cpu", state_dir=tmp_path, callback=stop)
+    for n, saved in ((0, 1), (2, 1)):
+        with pytest.raises(ConfigError) as e:
+            compress(model, recipe, data(n), config=cfg, device="cpu", state_dir=tmp_path, resume=True)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("--resume: ") and \
+            f"hold {n} random generators, the saved run {saved}" in msg
+    res = compress(model, recipe, data(1), config=cfg, device="cpu", state_dir=tmp_path, resume=True)
+    assert [h.step for h in res.history][:3] == [0, 1, 2]

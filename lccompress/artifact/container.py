@@ -4,8 +4,9 @@
     <group>.<part>   one tensor per θ part, encoded by the codec its scheme names for it
                      (`Scheme.codecs`; raw, mask, delta, bitpack: see `schemes.codecs`)
     __metadata__["lccompress"]   JSON manifest: format and versions, the recipe, per group the
-                                 scheme, params, shapes, dtype, bits and part encodings, and a
-                                 BLAKE2b-64 digest of every tensor's dtype, shape and bytes;
+                                 scheme, params, shapes, dtype, bits and part encodings, the
+                                 number of dense tensors ("dense"), and a BLAKE2b-64 digest of
+                                 every tensor's dtype, shape and bytes;
                                  its last field "manifest_digest" is BLAKE2b-64 of the rest
 The digests detect corruption and inconsistent edits; they are not a signature (whoever can
 write the file can recompute them).
@@ -132,7 +133,7 @@ def save(path: str | os.PathLike, source: nn.Module | Mapping[str, Tensor], thet
     aliases = tied(sd, first=[*compressed, *sd])
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()
                if k not in compressed and k not in aliases}
-    entries = {}
+    entries, dense = {}, len(tensors)
     for g in groups:
         if g.name not in thetas:
             raise ArtifactError(f"no θ for group {g.name!r}")
@@ -142,7 +143,7 @@ def save(path: str | os.PathLike, source: nn.Module | Mapping[str, Tensor], thet
         tensors.update(stored)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "lccompress_version": __version__,
                 "recipe": recipe.to_dict() if recipe is not None else None, "groups": entries,
-                "digests": {k: digest(v) for k, v in tensors.items()}}
+                "dense": dense, "digests": {k: digest(v) for k, v in tensors.items()}}
     if aliases:
         manifest["aliases"] = aliases
     text = json.dumps(manifest, separators=(",", ":"))
@@ -211,6 +212,8 @@ def _group(name: str, e: Any, path: Any) -> Group:
     where = f"{path}: group {name!r}"
     if not isinstance(e, dict):
         raise ArtifactError(f"{where}: manifest entry is {e!r}, not an object")
+    if not isinstance(e.get("params"), list) or not isinstance(e.get("shapes"), list):
+        raise ArtifactError(f"{where}: params {e.get('params')!r} and shapes {e.get('shapes')!r} are not lists")
     try:
         scheme = scheme_from_dict(e["scheme"])
         params = tuple(e["params"])
@@ -236,6 +239,44 @@ def _group(name: str, e: Any, path: Any) -> Group:
             raise ArtifactError(f"{where}: malformed structured units ({err})") from None
         return g
     return Group(name, params, shapes, scheme)
+
+
+#: encodings of integer parts: positions (< the group's size) and codes (< 2^bits)
+_INTEGER_ENCODINGS = ("mask", "delta", "bitpack")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+                   torch.uint64)
+
+
+def _decode(s: Tensor, info: Any, n: int, where: str) -> Tensor:
+    """`decode_part`, and a part whose manifest dtype is not one its codec writes is refused: the
+    integer encodings hold integer parts (codes also bool), in a dtype that holds every value."""
+    if not isinstance(info, dict) or "enc" not in info or "dtype" not in info:
+        raise ArtifactError(f"{where} has manifest entry {info!r}, without the encoding and dtype it needs")
+    enc = info["enc"]
+    try:
+        dt = dtype_of(info["dtype"])
+    except ValueError:
+        raise ArtifactError(f"{where} has dtype {info['dtype']!r} in the manifest, which is not a dtype") from None
+    try:
+        if enc not in _INTEGER_ENCODINGS:
+            return decode_part(s, info, n)
+        if dt == torch.bool and enc == "bitpack":
+            lo, hi = 0, 1
+        elif dt in _INTEGER_DTYPES:
+            lo, hi = torch.iinfo(dt).min, torch.iinfo(dt).max
+        else:  # floating point, complex, quantized, …: never what these encodings hold
+            raise ValueError(f"is {enc}-encoded, which holds integers, but the manifest gives it dtype {dtype_name(dt)}")
+        bits = info.get("bits")
+        top = n - 1 if enc != "bitpack" else (1 << bits) - 1 if isinstance(bits, int) and 0 < bits <= 16 else None
+        if top is None or top <= hi:  # every value the encoding can hold fits (bad bits: decode_part's error)
+            return decode_part(s, info, n)
+        wide = decode_part(s, {**info, "dtype": "int64"}, n)  # only where a value could wrap around
+        if wide.numel() and (int(wide.min()) < lo or int(wide.max()) > hi):
+            raise ValueError(f"holds values up to {int(wide.max())}, which its manifest dtype {dtype_name(dt)} "
+                             "cannot hold")
+        return wide.to(dt)
+    except ValueError as err:
+        raise ArtifactError(f"{where} {err}") from None
 
 
 def load(path: str | os.PathLike) -> Artifact:
@@ -276,13 +317,16 @@ def load(path: str | os.PathLike) -> Artifact:
             tname = f"{name}.{key}"
             if tname not in raw:
                 raise ArtifactError(f"{path}: the manifest names tensor {tname!r}, which is not in the file")
-            try:
-                th[key] = decode_part(raw[tname], info if isinstance(info, dict) else {}, g.shape.numel())
-            except ValueError as err:
-                raise ArtifactError(f"{path}: tensor {tname!r} {err}") from None
+            th[key] = _decode(raw[tname], info, g.shape.numel(), f"{path}: tensor {tname!r}")
             claimed.add(tname)
         try:
             dt = dtype_of(e.get("dtype"))
+        except ValueError as err:
+            raise ArtifactError(f"{path}: group {name!r}: {err}") from None
+        if not dt.is_floating_point:  # recipes compress floating-point parameters only
+            raise ArtifactError(f"{path}: group {name!r} has dtype {dtype_name(dt)}; compressed parameters are "
+                                "floating point, so the manifest is corrupted or was changed")
+        try:
             full = g.scheme.decompress(th, g.shape)
             if tuple(full.shape) != tuple(g.shape):
                 raise ValueError(f"Δ(θ) has shape {tuple(full.shape)}")
@@ -300,6 +344,13 @@ def load(path: str | os.PathLike) -> Artifact:
             if k in sd:
                 raise ArtifactError(f"{path}: parameter {k!r} is stored both dense and compressed")
             sd[k] = t
+    dense = m.get("dense")  # absent in files written before it was recorded
+    if dense is not None:
+        unclaimed = sorted(k for k in raw if k not in claimed)
+        if isinstance(dense, bool) or not isinstance(dense, int) or dense != len(unclaimed):
+            raise ArtifactError(f"{path}: {len(unclaimed)} tensors are not part of any group, the manifest counts "
+                                f"{dense!r} dense ones (a group's entry was removed or changed; unclaimed: "
+                                f"{', '.join(unclaimed[:4])}{', …' if len(unclaimed) > 4 else ''})")
     aliases = m.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in aliases.items()):
         raise ArtifactError(f"{path}: the manifest's aliases are malformed")

@@ -11,13 +11,15 @@ mask (no retraining):
                         <name>.Vh (q, n), q = min(m, n), and W = U·diag(S)·Vh)
     <name>.level        uint8 level ids: weight's shape ("weight"), (out,) ("filter"), (q,) ("rank")
     __metadata__["lccompress.multilevel"]   JSON: format, version, structure, scope, the levels
-                        [{"level": j, "keep": keeps[j−1]}], per parameter its shape, a BLAKE2b-64
-                        digest of every tensor, sealed by a digest of the JSON itself (as the
-                        compressed artifact's manifest; version 1 files, unsealed, still read)
+                        [{"level": j, "keep": keeps[j−1]}], per parameter its shape, the number of
+                        other (dense) tensors, a BLAKE2b-64 digest of every tensor, sealed by a
+                        digest of the JSON itself (as the compressed artifact's manifest;
+                        version 1 files, unsealed, still read)
 
 Reading validates everything before use: the seal and digests, the metadata's types, every
 parameter's tensors and their shapes against the metadata (so no decode allocates more than the
-file's tensors imply); every failure is an `ArtifactError`.
+file's tensors imply), and that no level or factor tensor is left that no parameter names (the
+count of dense tensors); every failure is an `ArtifactError`.
 
 Within a scope (all parameters together, "global", or each alone, "layer") the units are ranked
 by score (|w|, row ℓ2 norm, σ), ties by position; level j keeps the first κⱼ = max(1, round(keepⱼ·N)).
@@ -152,10 +154,11 @@ def save_multilevel(path: str | os.PathLike, model: nn.Module, levels: Levels) -
         if tuple(ids.shape) != want:
             raise ConfigError(f"level ids of {n!r} have shape {tuple(ids.shape)}, the model needs {want}")
         tensors[f"{n}.level"] = ids.to(torch.uint8).contiguous()
+    dense = len(sd) - sum(n in sd for n in levels.ids)  # rank factors replaced their weights already
     tensors.update(sd)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "structure": levels.structure,
             "scope": levels.scope, "levels": [{"level": j + 1, "keep": a} for j, a in enumerate(levels.keeps)],
-            "params": shapes, "digests": {k: digest(v) for k, v in tensors.items()}}
+            "params": shapes, "dense": dense, "digests": {k: digest(v) for k, v in tensors.items()}}
     data = safetensors.torch.save(tensors, metadata={META_KEY: seal(json.dumps(meta, separators=(",", ":")))})
     atomic_write(path, data)
     return len(data)
@@ -238,6 +241,14 @@ def _validate(path: Any, meta: dict[str, Any], raw: dict[str, Tensor]) -> None:
             want = tuple(shape) if structure == "weight" else (shape[0],)
             if w is None or list(w.shape) != shape or tuple(ids.shape) != want:
                 raise _bad(path, f"parameter {n!r}: tensors do not fit its shape {shape}")
+    dense = meta.get("dense")  # absent in version 1 files
+    if dense is not None:
+        own = {f"{n}.{s}" for n in params for s in ("level", "U", "S", "Vh")} | set(params)
+        unclaimed = sorted(k for k in raw if k not in own)
+        if isinstance(dense, bool) or not isinstance(dense, int) or dense != len(unclaimed):
+            shown = ", ".join(unclaimed[:4]) + (", …" if len(unclaimed) > 4 else "")
+            raise _bad(path, f"{len(unclaimed)} tensors belong to no parameter of the metadata, which counts "
+                             f"{dense!r} dense ones (a parameter's entry was removed or changed; {shown})")
     top = max(int(raw[f"{n}.level"].max()) if raw[f"{n}.level"].numel() else 0 for n in params)
     if top != len(levels):  # every level keeps a unit, and no unit claims a level that is not there
         raise _bad(path, f"the level ids reach level {top}, the metadata lists {len(levels)} levels")
