@@ -39,7 +39,8 @@ from .schemes.base import Theta, merge_lc_defaults
 from .modelio import as_loss, as_metric
 from .modelio import split_batch
 from .train import (Guard, LossFn, MetricFn, Pull, Stream, as_data, batches as iter_batches, cosine, evaluate,
-                    loader_generators, resolve_device, rng_states, seeded, set_rng_states, train_epochs)
+                    host_rngs, loader_generators, resolve_device, rng_states, seeded, set_host_rngs, set_rng_states,
+                    train_epochs)
 from .util import copy_module
 
 log = logging.getLogger("lccompress")
@@ -193,7 +194,7 @@ class _Run(ACDC):
         if self.stream is not None:
             self.stream.restore(st.get("stream"))
         if st.get("host_rng") is not None:  # states saved before it was recorded have none
-            LCState.set_host_rngs(st["host_rng"])  # after the stream's replay, which may draw from them
+            set_host_rngs(st["host_rng"])  # after the stream's replay, which may draw from them
         self.history = [StepRecord(**h) for h in st["history"]]
         to = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
         return st["step"] + 1, {g: to(th) for g, th in st["thetas"].items()}, to(st["lam"])
@@ -207,7 +208,7 @@ class _Run(ACDC):
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         self.state.save({
             "step": step, "weights": cpu(self.weights()), "thetas": {g: cpu(th) for g, th in thetas.items()},
-            "lam": cpu(lam), "rng": torch.get_rng_state(), "host_rng": LCState.host_rngs(),
+            "lam": cpu(lam), "rng": torch.get_rng_state(), "host_rng": host_rngs(),
             "loader_rng": [g.get_state() for g in loader_generators(self.data)],
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "guard": [self.guard.failures, self.guard.scale], "tally": dict(self.tally), "mu0": self.cfg.mu0,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -49,20 +47,3 @@ class LCState:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = {**state, "fingerprint": self.fingerprint}
         atomic_write(self.dir / self.FILE, lambda f: torch.save(state, f), mode=0o600)
-
-    @staticmethod
-    def host_rngs() -> dict[str, Any]:
-        """Python's `random` and numpy's global RNG states (a user's data pipeline may draw from
-        them), as tensors and plain values so that the state loads with weights_only."""
-        version, internal, gauss = random.getstate()
-        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        return {"random": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-                "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                          "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
-
-    @staticmethod
-    def set_host_rngs(saved: Mapping[str, Any]) -> None:
-        """Restore what `host_rngs` saved."""
-        r, n = saved["random"], saved["numpy"]
-        random.setstate((r["version"], tuple(int(v) for v in r["state"].tolist()), r["gauss"]))
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))

@@ -16,8 +16,10 @@ import contextlib
 import functools
 import logging
 import math
+import random
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -259,15 +261,37 @@ class OptStepper:
         self.opt.state.clear()
 
 
-def rng_states(loader: Any) -> tuple[Tensor, list[Tensor]]:
-    """torch's global RNG state and the loader's own generators' states (they order its batches)."""
-    return torch.get_rng_state(), [g.get_state() for g in loader_generators({"train": loader})]
+def host_rngs() -> dict[str, Any]:
+    """Python's `random` and numpy's global RNG states (a user's data pipeline may draw from them),
+    as tensors and plain values, so that a saved state loads with weights_only."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"random": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
 
 
-def set_rng_states(loader: Any, states: tuple[Tensor, list[Tensor]]) -> None:
+def set_host_rngs(saved: Mapping[str, Any]) -> None:
+    """Restore what `host_rngs` saved."""
+    r, n = saved["random"], saved["numpy"]
+    random.setstate((r["version"], tuple(int(v) for v in r["state"].tolist()), r["gauss"]))
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def rng_states(loader: Any) -> tuple[Any, ...]:
+    """torch's global RNG state, the loader's own generators' states (they order its batches), and
+    Python's and numpy's (`host_rngs`: a dataset or collate function may draw from them)."""
+    return torch.get_rng_state(), [g.get_state() for g in loader_generators({"train": loader})], host_rngs()
+
+
+def set_rng_states(loader: Any, states: Sequence[Any]) -> None:
+    """Restore what `rng_states` returned (states saved before the host RNGs were: torch's and the
+    loader's alone)."""
     torch.set_rng_state(states[0])
     for g, s in zip(loader_generators({"train": loader}), states[1]):
         g.set_state(s)
+    if len(states) > 2:
+        set_host_rngs(states[2])
 
 
 def _length(loader: Any) -> int | None:
@@ -289,7 +313,7 @@ class Stream:
         self.length = _length(loader)
         self.it: Iterator[Any] | None = None
         self.pos = 0
-        self.origin: tuple[Tensor, list[Tensor]] | None = None
+        self.origin: tuple[Any, ...] | None = None
         self.ended = False  # the last pass ended after its last batch (no call has seen it yet)
         self.passes = 0  # passes begun
 

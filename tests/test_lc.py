@@ -372,7 +372,7 @@ def test_resume_restores_python_and_numpy_rngs_that_the_loader_draws_from(source
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
     recipe = Recipe.single(["0.weight", "2.weight"], Prune(keep=0.1))
-    cfg = LCConfig(steps=5, epochs=1, first_epochs=1, tail=0)  # steps end on pass boundaries
+    cfg = LCConfig(steps=5, epochs=1, first_epochs=1)  # the tail's share: steps end inside passes
 
     def fresh():
         random.seed(7)
@@ -394,7 +394,7 @@ def test_resume_restores_python_and_numpy_rngs_that_the_loader_draws_from(source
         with pytest.raises(KeyboardInterrupt):
             compress(model, recipe, fresh(), config=cfg, device="cpu", state_dir=d, callback=interrupt)
         res = compress(model, recipe, fresh(), config=cfg, device="cpu", state_dir=d, resume=True)
-        assert [h.step for h in res.history] == list(range(5))
+        assert [h.step for h in res.history][:5] == list(range(5))
         assert same(full, res), k
 
 
