@@ -1,6 +1,6 @@
 """Fuzzing lccompress's readers: N mutations of a compressed artifact, a multi-level file and an
 ONNX export (byte flips, truncations, metadata edits resealed with a valid checksum — for ONNX
-a valid `lccompress.seal`, tests/artifact/test_fuzz.py's `resealed_onnx`; see fixtures/fuzzing.py),
+a valid `lccompress.seal`; see fixtures/fuzzing.py),
 and the readers' verdicts.
 
     python benchmarks/fuzz.py --n 10000      # the long run: about 17 s of CPU on one thread

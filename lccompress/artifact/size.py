@@ -100,7 +100,31 @@ def load_onnx(path: str) -> onnx.ModelProto:
     if (SEAL_KEY in props or META_KEY in props) and props.get(SEAL_KEY) != onnx_seal(m):
         raise ArtifactError(f"{path}: the graph or its lccompress metadata fails its checksum; the file is "
                             "corrupted or was changed")
+    for t in _onnx_tensors(m.graph):
+        _check_tensor_size(path, t)
     return m
+
+
+#: ONNX element types stored two to a byte
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4") if hasattr(onnx.TensorProto, n)}
+
+
+def _check_tensor_size(path: str, t: onnx.TensorProto) -> None:
+    """An initializer's stored bytes (raw_data) must be what its dims and type say; onnxruntime
+    would refuse the model otherwise, so the readers do too, in one line."""
+    if any(d < 0 for d in t.dims):
+        raise ArtifactError(f"{path}: initializer {t.name!r} has negative dims {list(t.dims)}")
+    if t.external_data or not t.raw_data or t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return
+    n = math.prod(t.dims)
+    try:
+        want = (n + 1) // 2 if t.data_type in _PACKED_4BIT else n * onnx.helper.tensor_dtype_to_np_dtype(
+            t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        raise ArtifactError(f"{path}: initializer {t.name!r} has an unknown element type {t.data_type}") from None
+    if len(t.raw_data) != want:
+        raise ArtifactError(f"{path}: initializer {t.name!r} holds {len(t.raw_data):,} bytes, but its dims "
+                            f"{list(t.dims)} need {want:,}; the file is corrupted or was changed")
 
 
 def disk_bytes(path: str | os.PathLike) -> int:
