@@ -916,7 +916,8 @@ def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool =
     model first by Frank-Wolfe in the k-sparse polytope of the smallest level (`fw.SFW_DEFAULTS`);
     "cram" by CrAM⁺ cycling through the levels (`cram.cram_refine` with `cram.MULTILEVEL_DEFAULTS`),
     `budget` optimizer steps (default: LC's default budget on this loader)."""
-    from .artifact.multilevel import build_levels, levels_summary, save_multilevel
+    from .artifact.container import tied
+    from .artifact.multilevel import build_levels, levels_summary, save_multilevel, tie_
     from .fw import SFW_DEFAULTS, KSparsePolytope, sfw_refine
 
     check_output_path(Path(out), [ckpt])
@@ -926,7 +927,11 @@ def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool =
         raise ConfigError("--method cram trains for weight levels; use --structure weight (or --method sfw)")
     ck = read_checkpoint(ckpt, trust=trust)
     model = build_model(ck, model_spec)
-    subject = model if model is not None else state_module(ck.state_dict)
+    if model is not None:
+        subject = model
+    else:  # a bare state_dict: entries sharing storage (torch.save keeps a tie) stay one parameter
+        ties = tied(ck.state_dict)
+        subject = tie_(state_module({k: v for k, v in ck.state_dict.items() if k not in ties}), ties)
     names = select(subject, model is not None, include, exclude)
     if method != "none" and (model is None or not data_spec):
         raise ConfigError(f"--method {method} trains: give --model and --data")
@@ -952,10 +957,12 @@ def multilevel(ckpt: str, keeps: Sequence[float], out: str, *, per_layer: bool =
 
 def load_level_(model: nn.Module, path: str | os.PathLike, level: int, loader: Iterable | None = None,
                 batches: int = 50) -> nn.Module:
-    """Fill `model` with the weights of `level`; with a loader, also recalibrate its BatchNorms."""
-    from .artifact.multilevel import extract as extract_level
+    """Fill `model` with the weights of `level`; with a loader, also recalibrate its BatchNorms.
+    Weights the model ties to a leveled parameter get that parameter's level (`multilevel.untied`)."""
+    from .artifact.multilevel import read_level, untied
 
-    model.load_state_dict(extract_level(path, level))
+    meta, sd = read_level(path, level)
+    model.load_state_dict(untied(model, sd, list(meta["params"])))
     if loader is not None:
         recalibrate_bn_(model, loader, batches)
     return model
@@ -966,19 +973,23 @@ def extract_artifact(path: str | os.PathLike, level: int, out: str | os.PathLike
     """Write level `level` of a multi-level file as a single-level lccompress artifact (ready for
     ONNX export); returns its bytes. Pruned levels become `Prune(count=…)` groups (one joint group
     for a "global" file), rank levels `LowRank`. With `model` and `loader`, BatchNorm statistics
-    are recalibrated for this level first."""
+    are recalibrated for this level first. Tied entries (the file's aliases, or the model's ties)
+    stay tied: stored once, recorded as the artifact's aliases."""
     from safetensors import safe_open
 
     from .artifact import save
-    from .artifact.multilevel import extract as extract_level, read_meta
+    from .artifact.container import tied
+    from .artifact.multilevel import read_level, tie_, untied
 
-    meta = read_meta(path)  # validated (seal, digests, shapes) before anything is decoded
-    sd = extract_level(path, level)
-    if model is not None and loader is not None:
-        model.load_state_dict(sd)
-        recalibrate_bn_(model, loader, batches)
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta, sd = read_level(path, level)  # validated (seal, digests, shapes) before anything is decoded
     names = list(meta["params"])
+    aliases = meta.get("aliases", {})
+    if model is not None and loader is not None:
+        model.load_state_dict(untied(model, sd, names))
+        recalibrate_bn_(model, loader, batches)
+        own = model.state_dict()
+        aliases = tied(own, first=[*names, *own])
+        sd = {k: v.detach().cpu() for k, v in own.items()}
     nnz = {n: int((sd[n] != 0).sum()) for n in names}
     if meta["structure"] == "rank":
         with safe_open(os.fspath(path), framework="pt") as f:
@@ -989,7 +1000,8 @@ def extract_artifact(path: str | os.PathLike, level: int, out: str | os.PathLike
     else:
         rules = [Rule((n,), Prune(count=max(1, nnz[n]))) for n in names]
     recipe = Recipe(tuple(rules))
-    result = compress(state_module(sd), recipe, method="dc", device="cpu")
+    subject = tie_(state_module({k: v for k, v in sd.items() if k not in aliases}), aliases)
+    result = compress(subject, recipe, method="dc", device="cpu")
     return save(out, result.model, result.thetas, result.groups, recipe=recipe)
 
 

@@ -14,12 +14,19 @@ mask (no retraining):
                         [{"level": j, "keep": keeps[j−1]}], per parameter its shape, the number of
                         other (dense) tensors, a BLAKE2b-64 digest of every tensor, sealed by a
                         digest of the JSON itself (as the compressed artifact's manifest;
-                        version 1 files, unsealed, still read)
+                        version 1 files, unsealed, still read), and, when the model ties weights,
+                        "aliases": {alias: name} (as the artifact's manifest: `container.tied`)
+
+A state_dict entry that is the same tensor as another (an output layer tied to the embedding) is
+stored once, under the leveled parameter's name when one of them is leveled, and its alias is
+recorded; `extract` returns the alias as that very tensor, so a tied model loads the level's
+weights whichever of the two names it copies last. Files without "aliases" read as before.
 
 Reading validates everything before use: the seal and digests, the metadata's types, every
 parameter's tensors and their shapes against the metadata (so no decode allocates more than the
-file's tensors imply), and that no level or factor tensor is left that no parameter names (the
-count of dense tensors); every failure is an `ArtifactError`.
+file's tensors imply), that no level or factor tensor is left that no parameter names (the
+count of dense tensors), and that each of at most MAX_ALIASES aliases names a parameter or dense
+tensor and is none itself; every failure is an `ArtifactError`.
 
 Within a scope (all parameters together, "global", or each alone, "layer") the units are ranked
 by score (|w|, row ℓ2 norm, σ), ties by position; level j keeps the first κⱼ = max(1, round(keepⱼ·N)).
@@ -39,13 +46,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..util import as_matrix, atomic_write, kappa
-from .container import ArtifactError, digest, seal, unseal
+from .container import ArtifactError, digest, seal, tied, unseal
 
 FORMAT = "lccompress.multilevel"
 FORMAT_VERSION = 2
 META_KEY = "lccompress.multilevel"
 STRUCTURES = ("weight", "filter", "rank")
 SUFFIXES = (".level", ".U", ".S", ".Vh")
+MAX_ALIASES = 65536  # tied state_dict entries a file may record (real models tie a handful)
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,11 @@ def build_levels(
         raise ConfigError(f"keeps={list(keeps)!r} must be strictly decreasing (nested levels)")
     named = dict(model.named_parameters())
     names = [params] if isinstance(params, str) else list(params)
+    every = dict(model.named_parameters(remove_duplicate=False))
     for n in names:
+        if n not in named and n in every:  # tied: named_parameters lists the first name only
+            first = next(k for k, p in named.items() if p is every[n])
+            raise ConfigError(f"{n!r} is tied to {first!r} (one parameter); name {first!r}")
         if n not in named:
             raise ConfigError(f"{n!r} is not a parameter; parameters are: {', '.join(named)}")
     if len(set(names)) != len(names) or not names:
@@ -132,15 +144,24 @@ def build_levels(
 
 def save_multilevel(path: str | os.PathLike, model: nn.Module, levels: Levels) -> int:
     """Write the model's state_dict once plus the level ids (atomically: temp file + os.replace);
-    returns the bytes written."""
-    sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    returns the bytes written. Tied entries (one tensor under two names) are stored once, as the
+    leveled parameter where one of them is, and recorded as aliases."""
+    state = model.state_dict()
+    aliases = tied(state, first=[*levels.ids, *state])
+    if len(aliases) > MAX_ALIASES:
+        raise ConfigError(f"the model ties {len(aliases)} state_dict entries to others; a multi-level file "
+                          f"records at most {MAX_ALIASES}")
+    sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if k not in aliases}
     tensors: dict[str, Tensor] = {}
     shapes = {}
     for n, ids in levels.ids.items():
+        if n in aliases:
+            raise ConfigError(f"levels name {n!r} and {aliases[n]!r}, which are one tensor (tied weights); "
+                              "name it once")
         if n not in sd:
             raise ConfigError(f"levels name {n!r}, which is not in the model's state_dict")
         for s in SUFFIXES:
-            if n + s in sd:
+            if n + s in state:
                 raise ConfigError(f"state_dict entry {n + s!r} clashes with the level tensors of {n!r}")
         w = sd[n]
         shapes[n] = list(w.shape)
@@ -159,6 +180,8 @@ def save_multilevel(path: str | os.PathLike, model: nn.Module, levels: Levels) -
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "structure": levels.structure,
             "scope": levels.scope, "levels": [{"level": j + 1, "keep": a} for j, a in enumerate(levels.keeps)],
             "params": shapes, "dense": dense, "digests": {k: digest(v) for k, v in tensors.items()}}
+    if aliases:
+        meta["aliases"] = aliases
     data = safetensors.torch.save(tensors, metadata={META_KEY: seal(json.dumps(meta, separators=(",", ":")))})
     atomic_write(path, data)
     return len(data)
@@ -249,6 +272,15 @@ def _validate(path: Any, meta: dict[str, Any], raw: dict[str, Tensor]) -> None:
             shown = ", ".join(unclaimed[:4]) + (", …" if len(unclaimed) > 4 else "")
             raise _bad(path, f"{len(unclaimed)} tensors belong to no parameter of the metadata, which counts "
                              f"{dense!r} dense ones (a parameter's entry was removed or changed; {shown})")
+    aliases = meta.get("aliases", {})  # absent in files written before ties were recorded
+    if not isinstance(aliases, dict) or len(aliases) > MAX_ALIASES or not all(
+            isinstance(a, str) and isinstance(b, str) for a, b in aliases.items()):
+        raise _bad(path, f"the aliases are malformed (not an object of at most {MAX_ALIASES} names)")
+    own = {f"{n}.{s}" for n in params for s in ("level", "U", "S", "Vh")}
+    entries = set(params) | {k for k in raw if k not in own}  # the names `extract` returns
+    for alias, name in aliases.items():
+        if name not in entries or alias in entries or alias in raw:
+            raise _bad(path, f"alias {alias!r} of {name!r} does not name one stored tensor")
     top = max(int(raw[f"{n}.level"].max()) if raw[f"{n}.level"].numel() else 0 for n in params)
     if top != len(levels):  # every level keeps a unit, and no unit claims a level that is not there
         raise _bad(path, f"the level ids reach level {top}, the metadata lists {len(levels)} levels")
@@ -256,7 +288,13 @@ def _validate(path: Any, meta: dict[str, Any], raw: dict[str, Tensor]) -> None:
 
 def extract(path: str | os.PathLike, level: int) -> dict[str, Tensor]:
     """The state_dict at `level` (0 = dense): units with level id < level are zero (weights,
-    rows) or dropped (singular triplets); everything else as stored."""
+    rows) or dropped (singular triplets); everything else as stored, and each alias of a tied
+    entry the same tensor as the entry."""
+    return read_level(path, level)[1]
+
+
+def read_level(path: str | os.PathLike, level: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, state_dict at `level`): `read_meta` and `extract` from one read of the file."""
     meta, raw = read(path)
     _check_level(level, len(meta["levels"]))
     out: dict[str, Tensor] = {}
@@ -273,6 +311,44 @@ def extract(path: str | os.PathLike, level: int) -> dict[str, Tensor]:
         keys -= {n + s for s in SUFFIXES} | {n}
     for k in keys:
         out[k] = raw[k]
+    for alias, name in meta.get("aliases", {}).items():
+        out[alias] = out[name]  # tied: the same tensor, so a tied model keeps this level's weights
+    return meta, out
+
+
+def tie_(module: nn.Module, aliases: dict[str, str]) -> nn.Module:
+    """Make each `alias` of `module` the very parameter (or buffer) `name` is, adding the submodules
+    its path needs: a state_dict's ties on a module built from it (`api.state_module`)."""
+    for alias, name in aliases.items():
+        *path, leaf = alias.split(".")
+        try:
+            mod = module
+            for p in path:
+                if p not in mod._modules:
+                    mod.add_module(p, nn.Module())
+                mod = mod._modules[p]
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)
+            try:
+                param = module.get_parameter(name)
+            except AttributeError:  # not a parameter: a buffer
+                mod.register_buffer(leaf, module.get_buffer(name))
+            else:
+                mod.register_parameter(leaf, param)
+        except (AttributeError, KeyError, TypeError) as e:
+            raise ArtifactError(f"cannot tie {alias!r} to {name!r} ({type(e).__name__}: {e})") from None
+    return module
+
+
+def untied(module: nn.Module, sd: dict[str, Tensor], params: Sequence[str]) -> dict[str, Tensor]:
+    """`sd` with every entry that `module` ties to one of `params` (the leveled parameters) given
+    that parameter's tensor: a file without aliases (written before they were recorded) holds a
+    dense copy of the tie, which would otherwise overwrite the level when loaded last."""
+    own = module.state_dict()
+    out = dict(sd)
+    for alias, name in tied(own, first=[*params, *own]).items():
+        if name in params and name in out and alias in out:
+            out[alias] = out[name]
     return out
 
 
@@ -284,4 +360,5 @@ def levels_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
         {**lv, "units": int((ids >= lv["level"]).sum())} for lv in meta["levels"]]
 
 
-__all__ = ["Levels", "build_levels", "extract", "levels_summary", "read_meta", "save_multilevel"]
+__all__ = ["Levels", "build_levels", "extract", "levels_summary", "read_level", "read_meta", "save_multilevel",
+           "tie_", "untied"]
