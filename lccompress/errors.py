@@ -11,3 +11,9 @@ class ConfigError(LCError, ValueError):
 
 class DivergenceError(LCError, RuntimeError):
     """Training produced non-finite values again after the learning rate was halved 3 times."""
+
+
+class NotConverged(ConfigError):
+    """A fixed point (an implicit layer's state or its adjoint) did not converge: the weights have
+    left the region where it is well-posed. Inside training, the NaN guard treats it as a
+    divergence (the last good state restored, the learning rate halved)."""

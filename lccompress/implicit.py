@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, NotConverged
 from .schemes.wellposed import project_rows
 
 
@@ -106,11 +106,11 @@ class ImplicitNet(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
 
-    def _not_converged(self, what: str) -> ConfigError:
+    def _not_converged(self, what: str) -> NotConverged:
         na = self.well_posedness()
         why = (f"‖A‖∞ = {na:.4g} ≥ 1: not well-posed; project_() A back below 1" if na >= 1 else
                f"‖A‖∞ = {na:.4g} < 1 but contracting too slowly for tol={self.tol:g}; raise max_iter")
-        return ConfigError(f"the implicit layer's {what} did not converge in {self.max_iter} iterations ({why})")
+        return NotConverged(f"the implicit layer's {what} did not converge in {self.max_iter} iterations ({why})")
 
     def _iterate(self, step, start: Tensor, what: str) -> Tensor:
         """Picard iteration v ← step(v) from `start` until max|Δv| ≤ tol·(1 + max|v|)."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import set_epoch
-from .errors import ConfigError, DivergenceError, LCError
+from .errors import ConfigError, DivergenceError, LCError, NotConverged
 from .modelio import Inputs, Loss, Metric, accuracy, as_loss, as_metric, kl_distill, prediction, split_batch
 
 log = logging.getLogger("lccompress")
@@ -410,8 +410,10 @@ def train_loop(
     last chunk (a pass, or at most `chunk` steps).
 
     The NaN guard: at each chunk's end the loss and the weights are checked (no host sync per
-    batch); if anything is non-finite the chunk's starting state is restored, the guard halves
-    the learning rate, and the chunk runs again on the next batches (the 4th time: DivergenceError).
+    batch); if anything is non-finite, or a fixed point inside the model did not converge
+    (`NotConverged`, e.g. an implicit layer whose ‖A‖∞ grew past 1), the chunk's starting state is
+    restored, the guard halves the learning rate, and the chunk runs again on the next batches
+    (the 4th time: DivergenceError).
     The learning rate is lr_factor(e) × the guard's scale, e the passes (epochs mode) or steps
     (iterations mode) done when the chunk starts. `limit` stops whole epochs after that many
     optimizer steps in all. `amp` ("bf16", "fp16") runs the objective under
@@ -444,16 +446,22 @@ def train_loop(
             size = min(iterations - done, chunk, left if left else chunk)
         total = torch.zeros((), device=device, dtype=torch.float64)
         count = samples = 0
+        broken = False  # a fixed point that did not converge: handled like non-finite values
         while (size is None or count < size) and (limit is None or steps < limit):
             batch = stream.next(within_pass=size is None)
             if batch is None:
                 break
             x, y = split_batch(batch, device)
-            with autocast():
-                loss, obj = objective(x, y)
-            stepper.zero_grad()
-            scaler = getattr(stepper, "scaler", None)
-            (scaler.scale(obj) if scaler is not None else obj).backward()
+            try:
+                with autocast():
+                    loss, obj = objective(x, y)
+                stepper.zero_grad()
+                scaler = getattr(stepper, "scaler", None)
+                (scaler.scale(obj) if scaler is not None else obj).backward()
+            except NotConverged as e:
+                log.warning("%s", e)
+                broken = True
+                break
             stepper.step()
             total += loss.detach().double()
             count += 1
@@ -462,7 +470,7 @@ def train_loop(
             if on_step is not None:
                 on_step(steps)
         finite = torch.isfinite(total) & torch.stack([torch.isfinite(p).all() for p in stepper.params]).all()
-        if not bool(finite):
+        if broken or not bool(finite):
             stepper.restore(snap)
             guard.fail(where)
             continue

@@ -161,3 +161,55 @@ def test_training_lowers_loss():
         last = F.cross_entropy(m(X), y).item()
     assert last < 0.8 * first, (first, last)
     assert m.well_posedness() <= 0.95 + 1e-6
+
+
+def test_a_fixed_point_that_stops_converging_in_training_is_handled_by_the_nan_guard():
+    """A training chunk in which the implicit layer's state stops converging (an L step pushed
+    ‖A‖∞ past 1) is rolled back and retried at half the learning rate, like non-finite values."""
+    from lccompress.errors import DivergenceError, NotConverged
+    from lccompress.train import Guard, OptStepper, train_loop
+
+    torch.manual_seed(0)
+    net = ImplicitNet(6, 8, 3)
+    X = torch.randn(64, 6)
+    y = torch.randint(0, 3, (64,))
+    loader = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    calls = {"n": 0}
+
+    def objective(x, t):  # the second batch fails once, as a non-converging forward would
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise NotConverged("the implicit layer's fixed point did not converge")
+        loss = torch.nn.functional.cross_entropy(x(net), t)
+        return loss, loss
+
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    guard = Guard()
+    stepper = OptStepper([(list(net.parameters()), 0.01)], optimizer="sgd")
+    train_loop(objective, loader, stepper, iterations=4, device=torch.device("cpu"), guard=guard, chunk=4)
+    assert guard.failures == 1 and guard.scale == 0.5
+    # the chunk restarted from the saved weights: a clean run at half the rate on the batches that
+    # came after the failure gives the same weights
+    again = ImplicitNet(6, 8, 3)
+    again.load_state_dict(start)
+    opt = OptStepper([(list(again.parameters()), 0.005)], optimizer="sgd")
+    rest = loader[2:] + loader
+    for x, t in rest[:4]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(again(x), t).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+    # weights pushed out of the well-posed region at every rate: DivergenceError, one line
+    with torch.no_grad():
+        net.A.copy_(torch.eye(8) * 0.99)
+    stepper = OptStepper([(list(net.parameters()), 50.0)], optimizer="sgd", momentum=0.0)
+    with pytest.raises(DivergenceError):
+        train_loop(lambda x, t: _push(net, x), loader, stepper, iterations=40, device=torch.device("cpu"),
+                   guard=Guard(), chunk=4)
+
+
+def _push(net, x):
+    """A loss that rewards a larger A: its steps take ‖A‖∞ past 1 and the forward stops converging."""
+    loss = -net.A.diagonal().sum() * 10 + 0 * x(net).sum()
+    return loss, loss
