@@ -410,7 +410,7 @@ CLI_COMMANDS = [
     ["quantize", "--codebook", "16"],
     ["quantize", "--codebook", "256"],
     ["prune", "--keep", "0.1"],
-    ["lowrank", "--rank", "64"],
+    ["lowrank", "--rank", "64", "--exclude", "embeddings.token_type_embeddings.weight"],  # 2×768: no rank-64 saving, refused
 ]
 
 

@@ -91,13 +91,17 @@ def top_magnitude(flat: Tensor, k: int) -> Tensor:
     n = flat.numel()
     if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64) or k >= n:
         return torch.sort(torch.topk(flat.abs(), k, sorted=False).indices).values
-    a = np.abs(flat.numpy())  # (n,) the one copy
+    x = flat.numpy()
+    a = np.abs(x)  # (n,) the one copy
     a.partition(n - k)
     t = a[n - k]  # the k-th largest magnitude
     del a
-    above = torch.nonzero(flat.abs() > t).reshape(-1)
-    ties = torch.nonzero(flat.abs() == t).reshape(-1)[: k - above.numel()]
-    return torch.sort(torch.cat([above, ties])).values
+    step = max(1 << 16, min(1 << 20, n // 16))  # |x| a slice at a time: nothing else of size n
+    above = np.concatenate([np.flatnonzero(np.abs(x[i:i + step]) > t) + i for i in range(0, n, step)])
+    if above.size < k:  # equal magnitudes at the threshold, the first ones
+        ties = np.concatenate([np.flatnonzero(np.abs(x[i:i + step]) == t) + i for i in range(0, n, step)])
+        above = np.sort(np.concatenate([above, ties[: k - above.size]]))
+    return torch.from_numpy(above.astype(np.int64, copy=False))
 
 
 @dataclass(frozen=True)

@@ -26,18 +26,29 @@ def _codes_dtype(k: int) -> torch.dtype:
 # ----------------------------------------------------------------------------- 1-D k-means
 # In 1-D the clusters of an optimal k-means are contiguous runs of the sorted data, so everything
 # works on the sorted values xs: a cluster is a run xs[a:b], its mean and SSE come from prefix
-# sums (`_Prefix`: exact, from float64 block sums). The C step is
+# sums (`_Prefix`: exact, from float64 sums of blocks of 32). The C step is
 #   1. sort (numpy's SIMD sort on the CPU, values only; torch.sort on a device);
 #   2. summarize xs as m points (`summary_size`): its distinct values (then the summary is exact)
 #      or runs of balanced squared error, each with its count, sum and sum of squares;
 #   3. the exact DP over the m summary points (`_dp_splits`; optimal when they are the distinct
-#      values) — or, warm, the last codebook;
-#   4. Lloyd on the full data, O(k log n) per iteration by binary search of the midpoints;
-#   5. the banded DP (`_banded`): all splits move jointly, coarse to fine, within bands.
-# Extra memory: the sorted copy, plus O(n / 256) block sums; nothing else of size n.
+#      values, and then the answer) — or, warm, the partition of the last codebook;
+#   4. Lloyd on the full data, O(k log n) per iteration by binary search of the midpoints (in
+#      numpy on the CPU, where torch's per-call overhead would dominate);
+#   5. the banded DP (`_banded`): all splits move jointly, coarse to fine, within bands; then fine
+#      bands and Lloyd again while they lower the SSE (`_polish`);
+#   6. codes by a table of cells (`assign`).
+# Extra memory: the sorted copy, n/32 float64 block sums, temporaries of at most n/32 float64
+# each (`_scratch`), and the codes.
 
-_BLOCK = 256  # elements per block of the exact prefix sums
-_DENSE_DP = 1024  # up to this many summary points the DP layers are dense (m × m) tensor ops
+_BLOCK = 32  # elements per block of the exact prefix sums (blocks of 1 up to 4,096 elements)
+_DENSE_DP = 1024  # up to this many summary points the DP layers may be dense (m × m) tensor ops
+
+
+def _scratch(n: int) -> int:
+    """How many float64 values one temporary may hold: n/32 (a sixteenth of a float32 tensor's
+    bytes), at least 2¹⁶; the few live at once keep the C step's extra memory a fraction of the
+    tensor whatever k, the summary size or the band."""
+    return max(n // 32, 1 << 16)
 
 
 def _sorted_flat(x: Tensor) -> Tensor:
@@ -52,17 +63,18 @@ def _sorted_flat(x: Tensor) -> Tensor:
 
 class _Prefix:
     """Exact prefix sums Σ_{i<p} xs_i and Σ_{i<p} xs_i² at any positions p, from float64 sums of
-    blocks of 256 values and the partial block read at each position (blocks of 1, plain prefix
-    sums, for n ≤ 65,536)."""
+    blocks of 32 values and the partial block read at each position (blocks of 1, plain prefix
+    sums, for n ≤ 4,096). Extra memory: n/32 float64 pairs, an eighth of a float32 tensor."""
 
     def __init__(self, xs: Tensor) -> None:
-        self.xs, self.n = xs, xs.numel()
-        self.block = b = 1 if self.n <= 1 << 16 else _BLOCK
-        nb = -(-self.n // b)
+        n = xs.numel()
+        self.xs, self.n = xs, n
+        self.block = b = 1 if n <= 1 << 12 else _BLOCK
+        nb, self.full = -(-n // b), n // b
         s1 = torch.zeros(nb + 1, dtype=torch.float64, device=xs.device)  # filled in place: the
         s2 = torch.zeros(nb + 1, dtype=torch.float64, device=xs.device)  # allocator keeps no debris
-        step = 1 << 16  # float64 copies of 65,536 values at a time
-        for a in range(0, self.n, step):
+        step = max(b, min(1 << 16, _scratch(n) // 4) // b * b)  # float64 copies of this many values at a time
+        for a in range(0, n, step):
             c = xs[a:a + step].double()
             pad = (-c.numel()) % b
             if pad:
@@ -70,20 +82,32 @@ class _Prefix:
             c = c.view(-1, b)
             i = a // b + 1
             s1[i:i + c.shape[0]] = c.sum(1)
-            s2[i:i + c.shape[0]] = (c * c).sum(1)
-        self.S1, self.S2 = torch.cumsum(s1, 0), torch.cumsum(s2, 0)  # (nb+1,)
+            s2[i:i + c.shape[0]] = torch.square(c).sum(1)  # c may be a view of xs (float64)
+        self.S1, self.S2 = s1.cumsum_(0), s2.cumsum_(0)  # (nb+1,)
         self.offs = torch.arange(b, device=xs.device)
+        self.rows = xs[:self.full * b].view(self.full, b)  # the full blocks, a view
+        self.tail = None  # the last, partial block, zero-padded
+        if n % b:
+            self.tail = xs.new_zeros(b)
+            self.tail[:n % b] = xs[self.full * b:]
+        self.chunk = max(64, _scratch(n) // (2 * b))  # partial blocks read at a time
 
     def at(self, p: Tensor) -> tuple[Tensor, Tensor]:
         blk = torch.div(p, self.block, rounding_mode="floor")
         off = p - blk * self.block
         s1, s2 = self.S1[blk], self.S2[blk]
+        if self.block == 1:
+            return s1, s2
         inner = torch.nonzero(off).reshape(-1)  # positions inside a block add its first `off` values
-        for a in range(0, inner.numel(), 1024):  # 1024 partial blocks at a time: 2 MB of float64
-            part = inner[a:a + 1024]
-            idx = (blk[part, None] * self.block + self.offs).clamp(max=self.n - 1)  # (≤1024, block)
-            v = torch.where(self.offs < off[part, None], self.xs[idx].double(), 0.0)
-            s1, s2 = s1.index_add(0, part, v.sum(1)), s2.index_add(0, part, (v * v).sum(1))
+        for a in range(0, inner.numel(), self.chunk):
+            part = inner[a:a + self.chunk]
+            bp = blk[part]
+            v = self.rows.index_select(0, bp.clamp(max=max(self.full - 1, 0)))  # (≤chunk, block), a copy
+            if self.tail is not None:
+                v = torch.where((bp >= self.full)[:, None], self.tail, v)
+            v = v.double().masked_fill_(self.offs >= off[part, None], 0.0)
+            s1.index_add_(0, part, v.sum(1))
+            s2.index_add_(0, part, v.square_().sum(1))
         return s1, s2
 
 
@@ -120,29 +144,50 @@ def _dp_dense(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
 
 
 def _dp_short(s0: Tensor, s1: Tensor, s2: Tensor, k: int, B: int) -> Tensor | None:
-    """The exact DP restricted to clusters of at most B summary points: each layer one (m+1) × B
-    gather and min. Returns the split points, or None when a cluster of the answer has B points
-    (then the restriction may have bitten, and the caller solves without it)."""
+    """The exact DP restricted to clusters of at most B summary points. Layer c (c clusters
+    covering points [0, j)) is needed only at c ≤ j ≤ c·B with the m − j points left coverable
+    by the other k − c clusters, a window of about k·B − m points; each layer is one add of a
+    sliding window of the last (a view) to a slice of the (m+1) × B cost, and its min. Returns the
+    split points, or None when a cluster of the answer has B points (then the restriction may
+    have bitten, and the caller solves without it)."""
     m = s0.numel() - 1
-    j = torch.arange(m + 1, device=s0.device)
-    i = j[:, None] - torch.arange(1, B + 1, device=s0.device)  # (m+1, B) starts of the last cluster
-    ok = i >= 0
-    ic = i.clamp(min=0)
-    cost = torch.where(ok, _seg(s0, s1, s2, ic, j[:, None].expand_as(ic)), math.inf)  # (m+1, B)
+    if k * B < m:
+        return None
+    dev = s0.device
+    j = torch.arange(m + 1, device=dev)
+    t = torch.arange(B, device=dev) - B
+    cost = s1.new_empty(m + 1, B)  # cost[j, t] = SSE of [j − B + t, j), filled a slice of rows at a time
+    rows = max(1, (1 << 13) // B)
+    for a in range(0, m + 1, rows):
+        jj = j[a:a + rows, None]
+        i = jj + t  # starts of the last cluster, j−B … j−1
+        cost[a:a + rows] = _seg(s0, s1, s2, i.clamp(min=0), jj.expand_as(i)).masked_fill_(i < 0, math.inf)
     D = torch.where(j <= B, _seg(s0, s1, s2, torch.zeros_like(j), j), math.inf)  # D_1(j): one cluster [0, j)
     D[0] = math.inf
-    args = []
-    for _ in range(2, k + 1):
-        D, a = (D[ic] + cost).min(1)
-        args.append(a)
-    if not math.isfinite(float(D[m])):
+    Dp = torch.cat([D.new_full((B,), math.inf), D])  # Dp[j + t] = D[j − B + t]
+    args, los = [], []
+    for c in range(2, k + 1):
+        lo, hi = max(c, m - (k - c) * B), min(c * B, m - (k - c))  # the j that layer c needs
+        v, a = (Dp[lo:hi + B].unfold(0, B, 1) + cost[lo:hi + 1]).min(1)
+        Dp = torch.full_like(Dp, math.inf)
+        Dp[B + lo:B + hi + 1] = v
+        args.append(a.to(torch.uint8 if B <= 256 else torch.int16 if B < 1 << 15 else torch.int32))
+        los.append(lo)
+    if not math.isfinite(float(Dp[B + m])):
         return None
-    # the last cluster [i, m) with i = m − 1 − arg; layers 2 … k−1 the same, layer 1 starts at 0
-    p = _backtrack(args[:-1], [m, m - 1 - int(args[-1][m])], s0.device, lambda a, j: j - 1 - a)
+    A = torch.cat(args).cpu()  # one transfer
+    offs = [0]
+    for a in args:
+        offs.append(offs[-1] + a.numel())
+    p = [m]
+    for c in range(k - 2, -1, -1):  # layer c+2 ended at p[-1]; its last cluster starts at j − B + arg
+        p.append(p[-1] - B + int(A[offs[c] + p[-1] - los[c]]))
+    p.append(0)
+    p = torch.tensor(p[::-1], device=dev)
     return None if bool(((p[1:] - p[:-1]) >= B).any()) else p
 
 
-def _dp_splits(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
+def _dp_splits(s0: Tensor, s1: Tensor, s2: Tensor, k: int, scratch: int = 1 << 20) -> Tensor:
     """Exact 1-D k-means over m summary points: optimal split points (k+1,) by dynamic programming.
 
     D_c(j) = min_{i<j} D_{c−1}(i) + SSE(i, j); the best i is non-decreasing in j (the SSE is a
@@ -151,11 +196,12 @@ def _dp_splits(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
     is needed at j = m only, so k = 2 costs O(m). Small m use dense layers (`_dp_dense`).
     """
     n = s1.numel() - 1
-    if 2 < k and 8 * n <= k * 256:  # few points per cluster: clusters of ≤ 4× the mean length first
-        p = _dp_short(s0, s1, s2, k, max(16, 4 * -(-n // k)))
-        if p is not None:
-            return p
-    if 2 < k and n <= _DENSE_DP:
+    if 2 < k and 8 * n <= k * 256:  # few points per cluster: clusters of ≤ 1.5×, 2×, 4× the mean length first
+        for B in sorted({max(16, f * n // (2 * k) + 1) for f in (3, 4, 8)}):
+            p = _dp_short(s0, s1, s2, k, B)
+            if p is not None:
+                return p
+    if 2 < k and n <= _DENSE_DP and (n + 1) ** 2 <= scratch:  # dense layers: (m+1)² float64 each
         return _dp_dense(s0, s1, s2, k)
     dev = s1.device
     ar = lambda m: torch.arange(m, device=dev)  # noqa: E731
@@ -186,24 +232,27 @@ def _dp_splits(s0: Tensor, s1: Tensor, s2: Tensor, k: int) -> Tensor:
     return _backtrack(args, [n, last] if k > 1 else [n], dev)
 
 
-def _dp_work(m: int, k: int) -> float:
+def _dp_work(m: int, k: int, scratch: int) -> float:
     """Work of one DP layer over m summary points, in units of about 2 ns (measured, one thread)."""
-    if 8 * m <= k * 256:  # clusters of at most B = 4m/k points (`_dp_short`)
-        return 2.5 * m * max(16, 4 * -(-m // k)) + 25_000
-    if m <= _DENSE_DP:
+    if 8 * m <= k * 256:  # clusters of at most B ≈ 1.5·m/k points, windows of k·B − m (`_dp_short`)
+        B = max(16, 3 * m // (2 * k) + 1)
+        return 1.5 * (min(m, k * B - m) + 1) * B + 25_000
+    if m <= _DENSE_DP and (m + 1) ** 2 <= scratch:
         return m * m + 25_000
     return (m.bit_length() - 1) * (200_000 + 5 * m)  # divide and conquer
 
 
 def summary_size(n: int, k: int) -> int:
     """How many summary points the DP gets: as many (up to 8192) as keep the DP's work within
-    about a third of sorting n values, and at least 16 per cluster (at 16 the answer was within
-    1e-4 of the optimum on every distribution tried; at 8, 8e-4 at worst; at 4, a few 1e-3)."""
+    about a tenth of a torch.sort of n values (≈ 2.75·n·log₂n units; up to 65,536 values, tens of
+    milliseconds whatever n), and at least 16 per cluster
+    (at 16 the answer was within 1e-4 of the optimum on every distribution tried; at 8, 8e-4 at
+    worst; at 4, a few 1e-3)."""
     if k <= 2:
         return min(n, 1 << 16)  # layer 1 is closed form, layer 2 one pass: O(m)
-    budget = max(0.8 * n * n.bit_length(), 1 << 25) / (k - 2)  # per layer; sorting n costs ≈ 2.75·n·log₂n units
+    budget = max(0.25 * n * n.bit_length(), (1 << 41) / n) / (k - 2)  # per layer
     m = 1 << 13
-    while m > 16 * k and _dp_work(m, k) > budget:
+    while m > 16 * k and _dp_work(m, k, _scratch(n)) > budget:
         m //= 2
     return min(n, max(m, 16 * k))
 
@@ -216,7 +265,10 @@ def _summary(xs: Tensor, pre: _Prefix, m: int) -> tuple[bool, Tensor, Tensor, Te
     summary as the dense middle does."""
     n = xs.numel()
     z = xs.new_zeros(1, dtype=torch.float64)
-    if int(torch.count_nonzero(xs[1:] != xs[:-1])) + 1 <= m:  # count first: the positions of n changes are 2n × 4 bytes
+    step = max(1 << 16, _scratch(n) * 8)  # the changes counted a slice at a time: n/4 bools
+    changes = sum(int(torch.count_nonzero(xs[a + 1:min(a + step, n - 1) + 1] != xs[a:min(a + step, n - 1)]))
+                  for a in range(0, n - 1, step))
+    if changes + 1 <= m:  # count first: the positions of n changes are 2n × 4 bytes
         change = torch.nonzero(xs[1:] != xs[:-1]).reshape(-1) + 1
         pos = torch.cat([change.new_zeros(1), change, change.new_full((1,), n)])
         v, cnt = xs[pos[:-1]].double(), (pos[1:] - pos[:-1]).double()  # a run's sum is value × count
@@ -245,7 +297,10 @@ def _lloyd(xs: Tensor, pre: _Prefix, c: Tensor, max_iter: int, tol: float = 1e-9
     """Lloyd's algorithm on the full sorted data from centroids c (k,) float64: each iteration
     splits xs at the centroid midpoints (binary search) and moves each centroid to its run's mean,
     until the partition repeats or its SSE falls by less than `tol` (relative). Returns the split
-    points (k+1,) of the final partition and its SSE."""
+    points (k+1,) of the final partition and its SSE. On the CPU the same iterations in numpy
+    (`_lloyd_np`: a few µs each, where torch's per-call overhead makes them ten times slower)."""
+    if xs.device.type == "cpu":
+        return _lloyd_np(xs, pre, c.cpu().numpy(), max_iter, tol)
     n = xs.numel()
     ends = torch.tensor([0, n], device=xs.device)
     p, sse = None, math.inf
@@ -269,40 +324,90 @@ def _lloyd(xs: Tensor, pre: _Prefix, c: Tensor, max_iter: int, tol: float = 1e-9
     return p, sse
 
 
-def _banded(xs: Tensor, pre: _Prefix, p: Tensor, width: int = 64, rounds: int = 12) -> tuple[Tensor, float]:
+def _at_np(pre: _Prefix, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_Prefix.at` in numpy, for a few positions p (int64) of a CPU tensor."""
+    b = pre.block
+    blk = p // b
+    s1, s2 = pre.S1.numpy()[blk], pre.S2.numpy()[blk]
+    if b > 1:
+        v = pre.rows.numpy()[np.minimum(blk, max(pre.full - 1, 0))].astype(np.float64)  # (|p|, b)
+        if pre.tail is not None:
+            v[blk >= pre.full] = pre.tail.numpy()
+        v[np.arange(b) >= (p - blk * b)[:, None]] = 0.0
+        s1, s2 = s1 + v.sum(1), s2 + (v * v).sum(1)
+    return s1, s2
+
+
+def _lloyd_np(xs: Tensor, pre: _Prefix, c: np.ndarray, max_iter: int, tol: float) -> tuple[Tensor, float]:
+    """`_lloyd` on a CPU tensor, in numpy; the same iterations and stopping rules."""
+    x, n, k = xs.numpy(), xs.numel(), c.size
+    q = np.zeros(k + 1, dtype=np.int64)
+    q[-1] = n
+    p, sse = None, math.inf
+    for _ in range(max_iter):
+        c = np.sort(c)
+        q[1:-1] = np.searchsorted(x, ((c[:-1] + c[1:]) / 2).astype(x.dtype))  # a value at a midpoint goes up
+        if p is not None and np.array_equal(q, p):
+            break
+        s1, s2 = _at_np(pre, q)
+        cnt = np.diff(q).astype(np.float64)
+        d = np.diff(s1)
+        new = float((np.diff(s2) - d * d / np.maximum(cnt, 1)).sum())
+        if new > sse:  # rounding at the last step: keep the better partition
+            break
+        p, done = q.copy(), sse - new <= tol * new
+        sse = new
+        c = np.where(cnt > 0, d / np.maximum(cnt, 1), c)
+        if done:
+            break
+    return torch.from_numpy(p), sse
+
+
+def _banded(xs: Tensor, pre: _Prefix, p: Tensor, width: int = 32, rounds: int = 12,
+            fine: bool = False) -> tuple[Tensor, float]:
     """Polish split points p (k+1,) by the exact DP restricted to a band of `width` candidate
     positions around each inner split, coarse to fine: the first band of split c spans half way
-    to its neighbours, each next one the last band's step around the new split, down to steps
-    of one position. Each round is the optimum over its bands, which hold the current splits, so
-    the SSE never grows; Lloyd's local minima, where a split would have to move together with
-    its neighbours, are left behind. Returns the split points and their SSE."""
+    to its neighbours (`fine`: the `width` positions around it), each next one the last band's
+    step around the new split, down to steps of one position (then the band held every position
+    in it). Each round is the optimum over its bands, which hold the current splits, so the SSE
+    never grows; Lloyd's local minima, where a split would have to move together with its
+    neighbours, are left behind. Returns the split points and their SSE."""
     n, k = xs.numel(), p.numel() - 1
     if k < 2:
         return p, math.inf
     dev = xs.device
-    span = torch.maximum(p[2:] - p[1:-1], p[1:-1] - p[:-2]).double() / 2  # (k−1,)
+    if fine:
+        span = torch.full((k - 1,), (width - 1) / 2, dtype=torch.float64, device=dev)
+    else:
+        span = torch.maximum(p[2:] - p[1:-1], p[1:-1] - p[:-2]).double() / 2  # (k−1,)
     lin = torch.linspace(-1, 1, width, dtype=torch.float64, device=dev)
     z, end = torch.zeros(1, device=dev, dtype=torch.long), torch.tensor([n], device=dev)
     e1, e2 = pre.at(torch.tensor([0, n], device=dev))
 
-    def seg(pa, a1, a2, pb, b1, b2):  # SSE of runs [pa_i, pb_j): (|pa|, |pb|)
-        cnt = (pb[None, :] - pa[:, None]).double()
-        d = b1[None, :] - a1[:, None]
-        v = b2[None, :] - a2[:, None] - d * d / cnt.clamp(min=1)
-        return torch.where(cnt >= 0, v.clamp(min=0), math.inf)
+    def seg(pa, a1, a2, pb, b1, b2):  # SSE of runs [pa_i, pb_j) per layer: (L, |pa|, |pb|), in place
+        d = b1[:, None, :] - a1[:, :, None]
+        cnt = pb[:, None, :] - pa[:, :, None]
+        v = b2[:, None, :] - a2[:, :, None]
+        v.sub_(d.square_().div_(cnt.clamp(min=1))).clamp_(min=0)
+        return v.masked_fill_(cnt < 0, math.inf)
 
+    per = max(1, _scratch(n) // (width + 1) ** 2)  # layers of the chain whose costs are formed at once
     sse = math.inf
     for _ in range(rounds):
         cand = (p[1:-1, None].double() + span[:, None] * lin).round().long().clamp(0, n)  # (k−1, W)
         cand = torch.cat([cand, p[1:-1, None]], 1)  # the current split is always a candidate
         s1, s2 = pre.at(cand.reshape(-1))
         s1, s2 = s1.view(cand.shape), s2.view(cand.shape)
-        D = seg(z, e1[:1], e2[:1], cand[0], s1[0], s2[0])[0]  # (W+1,) cost of the first cluster
+        D = seg(z[None], e1[None, :1], e2[None, :1], cand[:1], s1[:1], s2[:1])[0, 0]  # (W+1,) cost of the first cluster
         back = []
-        for c in range(1, k - 1):
-            D, arg = (D[:, None] + seg(cand[c - 1], s1[c - 1], s2[c - 1], cand[c], s1[c], s2[c])).min(0)
-            back.append(arg)
-        last = D + seg(cand[-1], s1[-1], s2[-1], end, e1[1:], e2[1:])[:, 0]
+        for c0 in range(1, k - 1, per):  # costs of layers c0 … c0+per−1 in one batch
+            c1 = min(k - 1, c0 + per)
+            C = seg(cand[c0 - 1:c1 - 1], s1[c0 - 1:c1 - 1], s2[c0 - 1:c1 - 1], cand[c0:c1], s1[c0:c1], s2[c0:c1])
+            for Cc in C:
+                D, arg = (D[:, None] + Cc).min(0)
+                back.append(arg)
+            del C
+        last = D + seg(cand[-1:], s1[-1:], s2[-1:], end[None], e1[None, 1:], e2[None, 1:])[0, :, 0]
         j = int(torch.argmin(last))
         new_sse = float(last[j])
         idx = _backtrack(back, [j], dev)[1:]  # the candidate chosen for each inner split
@@ -310,7 +415,7 @@ def _banded(xs: Tensor, pre: _Prefix, p: Tensor, width: int = 64, rounds: int = 
         step = span * 2 / (width - 1)
         if new_sse < sse:
             p, sse = q, new_sse
-        if bool((step <= 0.5).all()):
+        if bool((step <= 1).all()):  # every position of every band was a candidate
             break
         span = torch.maximum(step, torch.ones_like(step))  # next band: ± one step of this one
     return p, sse
@@ -322,9 +427,9 @@ def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, bins: int | None
 
     Cold: the exact DP over a summary of the sorted data (its distinct values when there are at
     most `bins` of them — then the DP alone is the optimum — else runs of balanced squared error;
-    default `summary_size(n, k)`), then Lloyd and the banded DP (`_banded`) on the full data.
-    Warm (`init`, the last codebook (k,), k > 2): Lloyd and the banded DP from there, never worse
-    than Lloyd from it. Runs on x's device.
+    default `summary_size(n, k)`), then `_polish` on the full data: Lloyd, the banded DP, fine
+    bands and Lloyd again while the SSE falls. Warm (`init`, the last codebook (k,), k > 2):
+    `_polish` from its partition, never worse than Lloyd from it. Runs on x's device.
     """
     xs = _sorted_flat(x)  # (n,)
     n = xs.numel()
@@ -333,38 +438,102 @@ def kmeans_1d(x: Tensor, k: int, init: Tensor | None = None, *, bins: int | None
         return torch.cat([c, c[-1:].expand(k - n)]) if n else xs.new_zeros(k, dtype=torch.float64)
     pre = _Prefix(xs)
     warm = init is not None and init.numel() == k and k > 2  # k ≤ 2: the exact DP is as cheap as Lloyd
-    if warm:  # a C step of LC: the last codebook is a good start, Lloyd and the banded DP take it from there
-        starts = [init.detach().reshape(-1).to(xs.device, torch.float64)]
+    if warm:  # a C step of LC: the partition of the last codebook (one Lloyd step), polished from there
+        p, _ = _lloyd(xs, pre, init.detach().reshape(-1).to(xs.device, torch.float64), 1)
+        p = _polish(xs, pre, p, max_iter)
     else:
         exact, s0, s1, s2 = _summary(xs, pre, bins or summary_size(n, k))
         q = s0.numel() - 1
         if exact and q <= k:  # at most k distinct values: one cluster each
             c = (s1[1:] - s1[:-1]) / (s0[1:] - s0[:-1])
             return torch.cat([c, c[-1:].expand(k - q)])
-        sp = _dp_splits(s0, s1, s2, k)  # (k+1,) in summary points
-        a, b = sp[:-1], sp[1:]
-        starts = [(s1[b] - s1[a]) / (s0[b] - s0[a])]
-    best, best_sse = None, math.inf
-    for c0 in starts:
-        p, sse = _lloyd(xs, pre, c0, max_iter)
-        if sse < best_sse:
-            best, best_sse = p, sse
-    best, _ = _banded(xs, pre, best)
-    t1, _ = pre.at(best)
-    cnt = (best[1:] - best[:-1]).double()
-    mean = (t1[1:] - t1[:-1]) / cnt.clamp(min=1)  # (k,) the means of the partition
-    return torch.where(cnt > 0, mean, xs[best[:-1].clamp(max=n - 1)].double())
+        sp = _dp_splits(s0, s1, s2, k, _scratch(n))  # (k+1,) in summary points
+        p = s0[sp].round().long()  # the same splits, in positions of xs
+        if not exact:  # a summary of runs: the DP's answer is near the optimum, polish it on the full data
+            p = _polish(xs, pre, p, max_iter)
+    return _means(xs, pre, p)
+
+
+def _means(xs: Tensor, pre: _Prefix, p: Tensor) -> Tensor:
+    """(k,) float64: the means of the runs xs[p_c : p_c+1] (an empty run: the value at p_c)."""
+    t1, _ = pre.at(p)
+    cnt = (p[1:] - p[:-1]).double()
+    mean = (t1[1:] - t1[:-1]) / cnt.clamp(min=1)
+    return torch.where(cnt > 0, mean, xs[p[:-1].clamp(max=xs.numel() - 1)].double())
+
+
+def _polish(xs: Tensor, pre: _Prefix, p: Tensor, max_iter: int, passes: int = 16) -> Tensor:
+    """Descend from split points p (k+1,): Lloyd from their means until its partition repeats,
+    the banded DP coarse to fine, then fine passes (every position within 16 of each split, all
+    splits jointly) and Lloyd again while they lower the SSE. Each step keeps the better
+    partition, so the SSE never grows: never worse than Lloyd from p; the end is a fixed point of
+    both."""
+    p, _ = _lloyd(xs, pre, _means(xs, pre, p), max_iter)
+    p, sse = _banded(xs, pre, p)
+    for _ in range(passes):
+        q, s = _banded(xs, pre, p, fine=True)
+        if s < sse:
+            p, sse = q, s
+            continue
+        q, s = _lloyd(xs, pre, _means(xs, pre, p), max_iter)
+        if s < sse:
+            p, sse = q, s
+            continue
+        break
+    return p
 
 
 def assign(w: Tensor, codebook: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:
     """Index of the nearest entry of a sorted codebook, for each element of w (same shape), as
-    `dtype`; computed 2²⁰ elements at a time, so nothing wider than the result is held."""
+    `dtype` (a value at a midpoint goes up); computed a slice at a time, so nothing much wider
+    than the result is held.
+
+    For float32/64 weights by table: the midpoints' range is cut into 2¹⁶ equal cells, the cell
+    of x is floor((x − lo)·s) (clamped), a monotone function of x computed the same way for the
+    midpoints, so a midpoint in a lower cell is ≤ x and one in a higher cell > x: the code is the
+    count of midpoints in lower cells (a table) plus those ≤ x in x's own cell, found by a few
+    steps up. Exact, and several times faster than a binary search over 255 midpoints."""
     mid = ((codebook[:-1] + codebook[1:]) / 2).to(w.dtype)
     flat = w.reshape(-1)
-    out = torch.empty(flat.numel(), dtype=dtype, device=w.device)
-    for a in range(0, flat.numel(), 1 << 20):
-        out[a:a + (1 << 20)] = torch.bucketize(flat[a:a + (1 << 20)], mid, right=True, out_int32=True)
+    n = flat.numel()
+    out = torch.empty(n, dtype=dtype, device=w.device)
+    chunk = max(1 << 16, min(1 << 20, n // 16))
+    table = _cell_table(mid) if w.dtype in (torch.float32, torch.float64) and n >= 1 << 14 else None
+    for a in range(0, n, chunk):
+        x = flat[a:a + chunk]
+        if table is None:
+            out[a:a + chunk] = torch.bucketize(x, mid, right=True, out_int32=True)
+            continue
+        cell, below, up, steps = table
+        code = below[cell(x)]  # (chunk,) int32: midpoints in lower cells
+        for _ in range(steps):  # the midpoints of x's own cell (at most `steps`), in order
+            code += up[code] <= x
+        out[a:a + chunk] = code
     return out.reshape(w.shape)
+
+
+def _cell_table(mid: Tensor, cells: int = 1 << 16, max_steps: int = 6):
+    """For `assign`: (cell function, midpoints below each cell (cells+2,) int32, midpoints padded
+    with +inf, steps), or None when the midpoints crowd into few cells (then a binary search)."""
+    if mid.numel() < 8 or not bool(torch.isfinite(mid).all()):  # a few midpoints: the binary search is as fast
+        return None
+    lo, hi = mid[0], mid[-1]
+    if not bool(hi > lo):
+        return None
+    scale = torch.tensor(cells / (float(hi) - float(lo)), dtype=mid.dtype, device=mid.device)
+    if not bool(torch.isfinite(scale)):
+        return None
+
+    def cell(x: Tensor) -> Tensor:  # monotone in x: rounding, floor and clamp all are
+        return ((x - lo) * scale).floor_().clamp_(-1, cells).add_(1).int()
+
+    cm = cell(mid)  # (k−1,) sorted, in 0 … cells+1
+    steps = int(torch.bincount(cm.long(), minlength=cells + 2).max())
+    if steps > max_steps:
+        return None
+    below = torch.searchsorted(cm, torch.arange(cells + 2, device=mid.device, dtype=cm.dtype), out_int32=True)
+    up = torch.cat([mid, mid.new_full((1,), math.inf)])
+    return cell, below, up, steps
 
 
 class _Coded(Scheme):

@@ -130,3 +130,66 @@ def test_manifests_of_older_versions_still_name_a_codebook():
     """Older files record `exact_limit`; it is accepted and dropped."""
     s = lcc.scheme_from_dict({"scheme": "codebook", "k": 4, "exact_limit": 2_000_000})
     assert s == lcc.Codebook(k=4) and s.to_dict() == {"scheme": "codebook", "k": 4, "bins": 0}
+
+
+def test_prefix_sums_exact_through_blocks():
+    """Above 4,096 values the prefix sums come from float64 sums of blocks of 32 plus the partial
+    block at each position (a last partial block included): they match a float64 cumsum."""
+    from lccompress.schemes.quantize import _Prefix
+
+    g = torch.Generator().manual_seed(3)
+    for n in (4097, 5003, 70_000):
+        xs = torch.sort(torch.randn(n, generator=g)).values
+        p = torch.cat([torch.tensor([0, 1, 31, 32, 33, n - 1, n]), torch.randint(0, n + 1, (2000,), generator=g)])
+        s1, s2 = _Prefix(xs).at(p)
+        c1 = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(xs.double(), 0)])
+        c2 = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(xs.double() ** 2, 0)])
+        torch.testing.assert_close(s1, c1[p], rtol=0, atol=1e-9)
+        torch.testing.assert_close(s2, c2[p], rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [3, 16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_assign_by_table_matches_binary_search(k, dtype):
+    """`assign` by cells and a table is exact: the same codes as torch.bucketize, values at and
+    next to every midpoint and far outside the codebook included."""
+    from lccompress.schemes.quantize import assign
+
+    x = _data("heavy", 200_000, 7).to(dtype)
+    c = kmeans_1d(x, k)
+    mid = ((c[:-1] + c[1:]) / 2).to(dtype)
+    edge = torch.cat([mid, torch.nextafter(mid, torch.full_like(mid, 1e30)), torch.nextafter(mid, torch.full_like(mid, -1e30)),
+                      torch.tensor([-1e30, 1e30, 0.0], dtype=dtype)])
+    xx = torch.cat([x, edge, x[:20_000]])
+    assert torch.equal(assign(xx, c), torch.bucketize(xx, mid, right=True, out_int32=True))
+
+
+def test_short_dp_is_the_exact_dp():
+    """The DP restricted to short clusters (windows of the layers it needs) returns splits as
+    good as the dense exact DP over the same summary points, or gives up."""
+    from lccompress.schemes.quantize import _dp_dense, _dp_short, _seg
+
+    g = torch.Generator().manual_seed(4)
+    for m, k in ((300, 40), (500, 64), (256, 16)):
+        v = torch.sort(torch.randn(m, generator=g) * torch.exp(torch.randn(m, generator=g))).values.double()
+        cnt = torch.randint(1, 50, (m,), generator=g).double()
+        z = torch.zeros(1, dtype=torch.float64)
+        s0, s1, s2 = (torch.cat([z, torch.cumsum(t, 0)]) for t in (cnt, v * cnt, v * v * cnt))
+        cost = lambda p: float(_seg(s0, s1, s2, p[:-1], p[1:]).sum())  # noqa: E731
+        best = cost(_dp_dense(s0, s1, s2, k))
+        for B in (16, 3 * m // (2 * k) + 1, 4 * m // k):
+            p = _dp_short(s0, s1, s2, k, B)
+            if p is not None:
+                assert p.numel() == k + 1 and cost(p) <= best * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("name", ["normal", "laplace", "heavy"])
+def test_warm_start_beyond_the_block_size_is_never_worse_than_lloyd_from_it(name):
+    """n = 12,000 (prefix sums by blocks): warm C steps with k = 8 and 16, never worse than
+    plain Lloyd from the last codebook."""
+    x = _data(name, 12_000, seed=3)
+    y = x + 0.02 * torch.randn(12_000, generator=torch.Generator().manual_seed(4))
+    for k in (8, 16):
+        cold = lcc.Codebook(k=k).compress(x)
+        got = sse_of(y, lcc.Codebook(k=k).compress(y, cold)["codebook"])
+        assert got <= _lloyd_np(y.double().numpy(), cold["codebook"].double().numpy()) * (1 + 1e-9)
