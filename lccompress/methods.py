@@ -61,9 +61,10 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
     if method == "cram":
         cfg = config.resolve(recipe.groups(model))
         try:
-            plan = cfg.plan(len(d["train"]))
+            length: int | None = len(d["train"])
         except TypeError:
-            plan = cfg.plan(None)
+            length = None
+        plan = cfg.plan(length)
         if plan is None:
             raise ConfigError("cram needs its budget in optimizer steps: a training loader with a len(), or a budget")
         trained = cram_refine(model, d, recipe, iterations=sum(plan), lr=cfg.lr, optimizer=cfg.optimizer,
@@ -82,7 +83,7 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
                     metric=options.get("metric"), device=dev, seed=seed)
     r.method = method
     if steps is not None:
-        r.budget = {**r.budget, "steps": steps, "epochs": steps / len(d["train"])}
+        r.budget = {**r.budget, "steps": steps, "epochs": steps / length if length else None}
     r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
     return r
 

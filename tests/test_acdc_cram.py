@@ -125,3 +125,18 @@ def test_acdc_and_cram_refuse_what_they_cannot_do(toy):
         cram_refine(model, loader, recipe, iterations=2, rho=-1.0)
     with pytest.raises(lcc.ConfigError, match="iterations"):
         cram_refine(model, loader, recipe, iterations=0)
+
+
+def test_cram_with_a_loader_without_len_needs_a_budget(toy):
+    model, loader = toy
+    recipe = lcc.Recipe.single(["fc1.weight"], lcc.Prune(keep=0.5))
+    stream = lambda: (b for b in loader)  # noqa: E731 - a generator: no len()
+
+    class NoLen:
+        def __iter__(self):
+            return stream()
+
+    with pytest.raises(lcc.ConfigError, match="budget in optimizer steps"):
+        lcc.compress(model, recipe, NoLen(), method="cram", config=lcc.LCConfig(steps=2, epochs=1.5))
+    got = lcc.compress(model, recipe, NoLen(), method="cram", config=lcc.LCConfig(steps=2, budget=5))
+    assert got.budget["steps"] == 5 and got.budget["epochs"] is None
