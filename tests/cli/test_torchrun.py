@@ -72,6 +72,10 @@ again = compress(model, recipe, task.loaders(), config=cfg, device="cpu", seed=0
                  resume=True)
 same = all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), again.model.state_dict().values()))
 open(f"{out}/resumed.{distributed.rank()}", "w").write(str(same))
+# AC/DC: dense phases in DistributedDataParallel, compressed phases with averaged gradients
+a = compress(model, recipe, task.loaders(), method="acdc", config=LCConfig(steps=2, budget=24, cycles=2), device="cpu",
+             seed=0)
+open(f"{out}/acdc.{distributed.rank()}", "w").write(f"{distributed.digest(a.thetas)} {a.budget['samples']}")
 """
 
 
@@ -104,6 +108,9 @@ def test_theta_is_identical_on_both_processes_after_every_c_step(task):
     assert len(a) == 5 and a == b
     # interrupted mid-run and resumed from process 0's saved state: the same bytes as unbroken
     assert (task / "resumed.0").read_text() == "True" and (task / "resumed.1").read_text() == "True"
+    # AC/DC: the same θ on both processes, 24 steps of 2 × 32 samples
+    a, b = (task / "acdc.0").read_text().split(), (task / "acdc.1").read_text().split()
+    assert a == b and a[1] == str(24 * 2 * 32)
 
 
 def test_cli_under_torchrun_writes_once_and_matches_one_process(task):
