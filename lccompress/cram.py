@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import distributed
 from .errors import ConfigError
 from .modelio import as_loss
 from .recipe import Recipe
@@ -62,10 +63,14 @@ def cram_refine(
     device: str | torch.device = "cpu",
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
+    tally: dict[str, float] | None = None,
 ) -> nn.Module:
     """CrAM(⁺) training of a copy of `model` for `iterations` optimizer steps, the learning rate
     from `lr` down a cosine; returns the dense model. Every trainable parameter trains; those the
-    recipes name are the ones compressed at each step. Same seed, same bytes."""
+    recipes name are the ones compressed at each step. Under torchrun, give each process its
+    shard of the data: gradients (the ascent's included) are averaged over the processes, so the
+    weights stay identical on all of them. `tally` accumulates "steps" and "samples" (this
+    process's). Same seed, same bytes."""
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     if not recipes or not all(isinstance(r, Recipe) for r in recipes):
         raise ConfigError(f"recipes={recipes!r} must be a Recipe or a non-empty list of them")
@@ -109,10 +114,16 @@ def cram_refine(
         return compressed_loss, obj
 
     stepper = OptStepper([(trainable, lr)], optimizer=optimizer, momentum=momentum, weight_decay=weight_decay)
-    with seeded(seed, dev):
-        model.train()
-        train_loop(objective, d["train"], stepper, iterations=iterations, device=dev,
-                   lr_factor=lambda e: cosine(e, iterations), guard=Guard(), where="CrAM", on_step=on_step, amp=amp)
+    hooks = distributed.average_gradients(trainable)  # under torchrun: as DDP would
+    try:
+        with seeded(seed, dev):
+            model.train()
+            train_loop(objective, d["train"], stepper, iterations=iterations, device=dev,
+                       lr_factor=lambda e: cosine(e, iterations), guard=Guard(), where="CrAM", on_step=on_step,
+                       amp=amp, tally=tally)
+    finally:
+        for h in hooks:
+            h.remove()
     return model
 
 

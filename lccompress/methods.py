@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import lc
+from . import distributed, lc
 from .cram import DEFAULT_RHO, cram_refine
 from .errors import ConfigError
 from .fw import GROW_DEFAULTS, SFW_DEFAULTS, GrowSet, constraints_for, fw_grow, sfw_refine
@@ -58,7 +58,11 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
         raise ConfigError(f"method {method!r} trains with its own steps; lstep= does not apply")
     dev = resolve_device(device)
     t = time.perf_counter()
+    tally: dict[str, float] = {}
     if method == "cram":
+        dev = distributed.setup(dev)
+        if distributed.active():  # each process trains on its shard, gradients averaged
+            d = {**d, "train": distributed.shard(d["train"], seed, dev)}
         cfg = config.resolve(recipe.groups(model))
         try:
             length: int | None = len(d["train"])
@@ -71,7 +75,7 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
                               momentum=cfg.momentum, weight_decay=cfg.weight_decay, amp=cfg.amp,
                               rho=(cram or {}).get("rho", DEFAULT_RHO), plus=(cram or {}).get("plus", True),
                               loss=options.get("loss"), device=dev,
-                              seed=seed, on_step=_progress(options.get("on_progress"), sum(plan)))
+                              seed=seed, on_step=_progress(options.get("on_progress"), sum(plan)), tally=tally)
     elif method == "sfw":
         trained = sfw_refine(model, d, constraints_for(recipe, model), loss=options.get("loss"), device=dev,
                              seed=seed, **{**SFW_DEFAULTS, **(sfw or {})})
@@ -83,7 +87,8 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
                     metric=options.get("metric"), device=dev, seed=seed)
     r.method = method
     if steps is not None:
-        r.budget = {**r.budget, "steps": steps, "epochs": steps / length if length else None}
+        r.budget = {**r.budget, "steps": steps, "epochs": steps / length if length else None,
+                    "samples": int(tally.get("samples", 0)) * distributed.world(), "processes": distributed.world()}
     r.timings = {**r.timings, "lstep": seconds, "total": r.timings.get("total", 0.0) + seconds}
     return r
 

@@ -76,6 +76,9 @@ open(f"{out}/resumed.{distributed.rank()}", "w").write(str(same))
 a = compress(model, recipe, task.loaders(), method="acdc", config=LCConfig(steps=2, budget=24, cycles=2), device="cpu",
              seed=0)
 open(f"{out}/acdc.{distributed.rank()}", "w").write(f"{distributed.digest(a.thetas)} {a.budget['samples']}")
+# CrAM: each process on its shard, gradients averaged
+c = compress(model, recipe, task.loaders(), method="cram", config=LCConfig(steps=2, budget=24), device="cpu", seed=0)
+open(f"{out}/cram.{distributed.rank()}", "w").write(f"{distributed.digest(c.thetas)} {c.budget['samples']}")
 """
 
 
@@ -110,6 +113,9 @@ def test_theta_is_identical_on_both_processes_after_every_c_step(task):
     assert (task / "resumed.0").read_text() == "True" and (task / "resumed.1").read_text() == "True"
     # AC/DC: the same θ on both processes, 24 steps of 2 × 32 samples
     a, b = (task / "acdc.0").read_text().split(), (task / "acdc.1").read_text().split()
+    assert a == b and a[1] == str(24 * 2 * 32)
+    # CrAM: the same θ on both processes, each on its half of the data
+    a, b = (task / "cram.0").read_text().split(), (task / "cram.1").read_text().split()
     assert a == b and a[1] == str(24 * 2 * 32)
 
 
