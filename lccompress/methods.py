@@ -59,10 +59,10 @@ def compress(model: nn.Module, recipe: Recipe, data: Any = None, *, method: str 
     dev = resolve_device(device)
     t = time.perf_counter()
     tally: dict[str, float] = {}
+    dev = distributed.setup(dev)
+    if distributed.active():  # under torchrun each process trains on its shard, gradients averaged
+        d = {**d, "train": distributed.shard(d["train"], seed, dev)}
     if method == "cram":
-        dev = distributed.setup(dev)
-        if distributed.active():  # each process trains on its shard, gradients averaged
-            d = {**d, "train": distributed.shard(d["train"], seed, dev)}
         cfg = config.resolve(recipe.groups(model))
         try:
             length: int | None = len(d["train"])

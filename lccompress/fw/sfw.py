@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import ConfigError
 from ..recipe import Recipe, Span, match
 from ..schemes import LowRank, Prune
@@ -200,11 +201,17 @@ def _fw_train(model: nn.Module, loader: Iterable, blocks: list[_Block], *, epoch
         obj = objective(x, y)
         return obj, obj
 
-    with seeded(seed, device):
-        model.train()
-        train_loop(step_objective, loader, stepper, epochs=epochs, device=device, guard=Guard(), where="Frank-Wolfe",
-                   lr_factor=(lambda e: 1.0) if schedule == "constant" else (lambda e: cosine(e, epochs)),
-                   on_step=None if callback is None else (lambda step: callback(step, model)))
+    hooks = distributed.average_gradients(stepper.params)  # under torchrun: as DDP would
+    try:
+        with seeded(seed, device):
+            model.train()
+            train_loop(step_objective, loader, stepper, epochs=epochs, device=device, guard=Guard(),
+                       where="Frank-Wolfe",
+                       lr_factor=(lambda e: 1.0) if schedule == "constant" else (lambda e: cosine(e, epochs)),
+                       on_step=None if callback is None else (lambda step: callback(step, model)))
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def sfw_refine(

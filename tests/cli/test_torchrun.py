@@ -79,6 +79,9 @@ open(f"{out}/acdc.{distributed.rank()}", "w").write(f"{distributed.digest(a.thet
 # CrAM: each process on its shard, gradients averaged
 c = compress(model, recipe, task.loaders(), method="cram", config=LCConfig(steps=2, budget=24), device="cpu", seed=0)
 open(f"{out}/cram.{distributed.rank()}", "w").write(f"{distributed.digest(c.thetas)} {c.budget['samples']}")
+# Frank-Wolfe: each process on its shard, gradients averaged before the LMO
+f = [compress(model, recipe, task.loaders(), method=m, sfw={"epochs": 2}, device="cpu", seed=0) for m in ("sfw", "fw-grow")]
+open(f"{out}/fw.{distributed.rank()}", "w").write(" ".join(distributed.digest(r.thetas) for r in f))
 """
 
 
@@ -117,6 +120,7 @@ def test_theta_is_identical_on_both_processes_after_every_c_step(task):
     # CrAM: the same θ on both processes, each on its half of the data
     a, b = (task / "cram.0").read_text().split(), (task / "cram.1").read_text().split()
     assert a == b and a[1] == str(24 * 2 * 32)
+    assert (task / "fw.0").read_text() == (task / "fw.1").read_text()  # SFW and fw-grow
 
 
 def test_cli_under_torchrun_writes_once_and_matches_one_process(task):
