@@ -5,9 +5,7 @@ Only library errors may come out, and no flip or truncation may decode silently 
 refuse because they would decode to other weights: a group or a multi-level parameter's entry
 removed, a part or group dtype that its codec never writes."""
 
-import json
 import random
-import struct
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 
 from lccompress import Codebook, LCError, Prune, Recipe, Rule, compress
 from lccompress.artifact import ArtifactError, export_onnx, load, save
-from lccompress.artifact.container import META_KEY, seal, unseal
+from lccompress.artifact.container import META_KEY
 from lccompress.artifact.multilevel import META_KEY as ML_KEY
 from lccompress.artifact.multilevel import build_levels, extract, save_multilevel
 from lccompress.artifact.size import SEAL_KEY, load_onnx
@@ -107,17 +105,7 @@ def test_resealed_onnx_edits_are_refused_or_run_as_the_original(tmp_path):
 
 # ----------------------------------------------------------------------------- resealed edits refused
 def _reseal(path: Path, key: str, edit) -> None:
-    """The file with its sealed metadata JSON under `key` edited and sealed again (a valid checksum),
-    written as fuzzing's resealed edits are: the tensor bytes untouched."""
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    m = json.loads(unseal(header["__metadata__"][key]))
-    edit(m)
-    header["__metadata__"][key] = seal(json.dumps(m, separators=(",", ":")))
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    path.write_bytes(fuzzing.resealed(path.read_bytes(), key, edit))
 
 
 def _refused(path: Path, match: str, read=load) -> str:

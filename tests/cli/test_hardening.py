@@ -6,10 +6,8 @@ inside any L step resumes to the same bytes."""
 
 import errno
 import hashlib
-import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -21,8 +19,11 @@ import torch
 from click.testing import CliRunner
 
 from lccompress.artifact import load
-from lccompress.artifact.container import META_KEY, seal, unseal
+from lccompress.artifact.container import META_KEY
 from lccompress.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures"))
+import fuzzing  # noqa: E402
 
 
 def run(*args):
@@ -41,16 +42,8 @@ def one_line(r, *needles, notes=0):
 
 def reseal(path, edit):
     """Edit an artifact's manifest and seal it again with a valid checksum, the tensor bytes
-    untouched (as tests/artifact/test_fuzz.py and fixtures/fuzzing.py reseal their edits)."""
-    data = Path(path).read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    m = json.loads(unseal(header["__metadata__"][META_KEY]))
-    edit(m)
-    header["__metadata__"][META_KEY] = seal(json.dumps(m, separators=(",", ":")))
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    untouched (fixtures/fuzzing.py's `resealed`)."""
+    Path(path).write_bytes(fuzzing.resealed(Path(path).read_bytes(), META_KEY, edit))
 
 
 @pytest.fixture
