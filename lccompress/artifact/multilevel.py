@@ -264,10 +264,10 @@ def _validate(path: Any, meta: dict[str, Any], raw: dict[str, Tensor]) -> None:
             want = tuple(shape) if structure == "weight" else (shape[0],)
             if w is None or list(w.shape) != shape or tuple(ids.shape) != want:
                 raise _bad(path, f"parameter {n!r}: tensors do not fit its shape {shape}")
+    own = {n + s for n in params for s in SUFFIXES}  # level and factor tensors of the parameters
     dense = meta.get("dense")  # absent in version 1 files
     if dense is not None:
-        own = {f"{n}.{s}" for n in params for s in ("level", "U", "S", "Vh")} | set(params)
-        unclaimed = sorted(k for k in raw if k not in own)
+        unclaimed = sorted(k for k in raw if k not in own and k not in params)
         if isinstance(dense, bool) or not isinstance(dense, int) or dense != len(unclaimed):
             shown = ", ".join(unclaimed[:4]) + (", …" if len(unclaimed) > 4 else "")
             raise _bad(path, f"{len(unclaimed)} tensors belong to no parameter of the metadata, which counts "
@@ -276,7 +276,6 @@ def _validate(path: Any, meta: dict[str, Any], raw: dict[str, Tensor]) -> None:
     if not isinstance(aliases, dict) or len(aliases) > MAX_ALIASES or not all(
             isinstance(a, str) and isinstance(b, str) for a, b in aliases.items()):
         raise _bad(path, f"the aliases are malformed (not an object of at most {MAX_ALIASES} names)")
-    own = {f"{n}.{s}" for n in params for s in ("level", "U", "S", "Vh")}
     entries = set(params) | {k for k in raw if k not in own}  # the names `extract` returns
     for alias, name in aliases.items():
         if name not in entries or alias in entries or alias in raw:
